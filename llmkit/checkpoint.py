@@ -1,0 +1,345 @@
+"""Load llama2.c, Hugging Face and Meta checkpoints into `llmkit.model.Transformer`, and save.
+
+The kit's own format is the Hugging Face layout (`config.json` + `model.safetensors` + the
+tokenizer file), so what it saves it loads, and transformers loads it too.
+
+RoPE comes in two layouts: llama2.c and Meta rotate interleaved pairs (0,1), (2,3)...; Hugging
+Face files rotate halves (i, i + d/2). The model uses halves, so q and k weights from llama2.c and
+Meta files are permuted once at load time and one forward serves both.
+"""
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llmkit.errors import LLMKitError
+from llmkit.model import ModelArgs, Transformer
+
+LLAMA2C_HEADER = struct.Struct("7i")
+
+# our parameter name -> Hugging Face name, per layer and global
+HF_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+HF_GLOBAL_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of a q/k projection from interleaved-pair RoPE to halves RoPE."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> Transformer:
+    """Build a model from any supported checkpoint: a file or a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise LLMKitError(f"checkpoint not found: {path} (check the path, or use --model with an alias)")
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return load_hf(path, max_seq_len)
+        if (path / "params.json").exists():
+            return load_meta(path, max_seq_len)
+        bins = sorted(p for p in path.glob("*.bin") if not p.name.startswith("tok"))
+        if len(bins) == 1:
+            return load_llama2c(bins[0], max_seq_len)
+        raise LLMKitError(
+            f"{path} holds no checkpoint I know: expected config.json + model.safetensors (Hugging Face), "
+            "params.json + consolidated.*.pth (Meta) or one llama2.c .bin"
+        )
+    if path.suffix == ".bin":
+        return load_llama2c(path, max_seq_len)
+    if path.suffix == ".pth":
+        return load_meta(path.parent, max_seq_len)
+    if path.suffix == ".safetensors" or path.name == "config.json":
+        return load_hf(path.parent, max_seq_len)
+    raise LLMKitError(f"{path}: unknown checkpoint type; give a llama2.c .bin, a .pth or a model folder")
+
+
+def _build(args: ModelArgs, state: dict, path: Path) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise LLMKitError(f"{path}: weights do not fit the model described by its config ({' '.join(first)})") from None
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.setup_buffers()  # the rope tables, mask and caches were built on the meta device
+    return model.eval()
+
+
+# ---- llama2.c -------------------------------------------------------------------------------
+
+
+def load_llama2c(path: Path, max_seq_len: int | None = None) -> Transformer:
+    """llama2.c's version-0 .bin: a header of seven int32, then float32 tensors (see run.c)."""
+    raw = path.read_bytes()
+    if len(raw) < LLAMA2C_HEADER.size:
+        raise LLMKitError(f"{path}: too short to be a llama2.c checkpoint (truncated download?)")
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = LLAMA2C_HEADER.unpack_from(raw)
+    if dim == 0x616B3432:  # "ak42": llama2.c's version 1/2 export
+        raise LLMKitError(f"{path}: llama2.c version 1/2 export; export it with --version 0 (legacy)")
+    shared = vocab_size > 0
+    vocab_size = abs(vocab_size)
+    if not (0 < n_kv_heads <= n_heads <= dim and 0 < n_layers < 1000 and 0 < seq_len and hidden_dim > 0):
+        raise LLMKitError(f"{path}: not a llama2.c checkpoint (header makes no sense: {dim=} {n_heads=})")
+    head_dim = dim // n_heads
+    kv_dim = n_kv_heads * head_dim
+    sizes = {
+        "tok_embeddings": (vocab_size, dim),
+        "rms_att": (n_layers, dim),
+        "wq": (n_layers, dim, dim),
+        "wk": (n_layers, kv_dim, dim),
+        "wv": (n_layers, kv_dim, dim),
+        "wo": (n_layers, dim, dim),
+        "rms_ffn": (n_layers, dim),
+        "w1": (n_layers, hidden_dim, dim),
+        "w2": (n_layers, dim, hidden_dim),
+        "w3": (n_layers, hidden_dim, dim),
+        "rms_final": (dim,),
+        "freq_cis": (seq_len, head_dim),  # real and imaginary halves, unused
+    }
+    if not shared:
+        sizes["output"] = (vocab_size, dim)
+    n_floats = sum(torch.Size(s).numel() for s in sizes.values())
+    expected = LLAMA2C_HEADER.size + 4 * n_floats
+    if len(raw) != expected:
+        raise LLMKitError(
+            f"{path}: {len(raw)} bytes, but its header describes {expected}: the file is truncated or "
+            "corrupt; download it again"
+        )
+    flat = torch.frombuffer(bytearray(raw[LLAMA2C_HEADER.size :]), dtype=torch.float32)
+    t, offset = {}, 0
+    for name, shape in sizes.items():
+        n = torch.Size(shape).numel()
+        t[name] = flat[offset : offset + n].view(shape)
+        offset += n
+    args = ModelArgs(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+        hidden_dim=hidden_dim, max_seq_len=min(seq_len, max_seq_len or seq_len), tie_embeddings=shared,
+    )  # fmt: skip
+    state = {"tok_embeddings.weight": t["tok_embeddings"], "norm.weight": t["rms_final"]}
+    state["output.weight"] = t["output"] if not shared else t["tok_embeddings"]
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        state[p + "attention_norm.weight"] = t["rms_att"][i]
+        state[p + "attention.wq.weight"] = interleaved_to_halves(t["wq"][i], n_heads)
+        state[p + "attention.wk.weight"] = interleaved_to_halves(t["wk"][i], n_kv_heads)
+        state[p + "attention.wv.weight"] = t["wv"][i]
+        state[p + "attention.wo.weight"] = t["wo"][i]
+        state[p + "ffn_norm.weight"] = t["rms_ffn"][i]
+        state[p + "feed_forward.w1.weight"] = t["w1"][i]
+        state[p + "feed_forward.w2.weight"] = t["w2"][i]
+        state[p + "feed_forward.w3.weight"] = t["w3"][i]
+    return _build(args, {k: v.clone() for k, v in state.items()}, path)
+
+
+# ---- Hugging Face ---------------------------------------------------------------------------
+
+
+def args_from_hf_config(config: dict, max_seq_len: int | None = None) -> ModelArgs:
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        raise LLMKitError(f"architecture {arch} is not supported; llmkit loads LlamaForCausalLM and Qwen2ForCausalLM")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise LLMKitError(f"head_dim {config['head_dim']} != hidden_size / num_attention_heads: not supported")
+    scaling = config.get("rope_scaling") or config.get("rope_parameters")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default", None):
+        raise LLMKitError(f"rope scaling {scaling} is not supported (llmkit knows Llama 3.1's 'llama3')")
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
+        scaling = None
+    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    ctx = config.get("max_position_embeddings", 2048)
+    return ModelArgs(
+        dim=dim,
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        vocab_size=config["vocab_size"],
+        hidden_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope_theta),
+        rope_scaling={k: scaling[k] for k in LLAMA3_SCALING_KEYS} if scaling else None,
+        max_seq_len=min(ctx, max_seq_len or ctx),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM",
+    )
+
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def hf_to_ours(name: str) -> str:
+    for ours, theirs in HF_GLOBAL_NAMES.items():
+        if name.startswith(theirs + "."):
+            return ours + name[len(theirs) :]
+    if name.startswith("model.layers."):
+        _, _, i, rest = name.split(".", 3)
+        for ours, theirs in HF_LAYER_NAMES.items():
+            if rest.startswith(theirs + "."):
+                return f"layers.{i}.{ours}{rest[len(theirs):]}"
+    raise KeyError(name)
+
+
+def ours_to_hf(name: str) -> str:
+    for ours, theirs in HF_GLOBAL_NAMES.items():
+        if name.startswith(ours + "."):
+            return theirs + name[len(ours) :]
+    _, i, rest = name.split(".", 2)
+    for ours, theirs in HF_LAYER_NAMES.items():
+        if rest.startswith(ours + "."):
+            return f"model.layers.{i}.{theirs}{rest[len(ours):]}"
+    raise KeyError(name)
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LLMKitError(f"{path}: cannot read the weights ({e}); the file is truncated or corrupt") from None
+
+
+def load_hf(folder: Path, max_seq_len: int | None = None) -> Transformer:
+    """A Hugging Face folder: config.json + model.safetensors, or shards listed in an index."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise LLMKitError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+    args = args_from_hf_config(config, max_seq_len)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise LLMKitError(f"{folder}: no model.safetensors or model.safetensors.index.json beside config.json")
+    state = {}
+    for f in files:
+        if not (folder / f).exists():
+            raise LLMKitError(f"{folder}: shard {f} listed in the index is missing; download the model again")
+        for name, tensor in _read_safetensors(folder / f).items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            try:
+                state[hf_to_ours(name)] = tensor
+            except KeyError:
+                raise LLMKitError(f"{folder / f}: unexpected tensor {name}") from None
+    if args.tie_embeddings:
+        state.pop("output.weight", None)
+        state["output.weight"] = state.get("tok_embeddings.weight")
+    return _build(args, state, folder)
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None, eos_ids: list[int]) -> dict:
+    """The config.json that transformers reads back as the same model."""
+    config = {
+        "architectures": ["Qwen2ForCausalLM" if args.qkv_bias else "LlamaForCausalLM"],
+        "model_type": "qwen2" if args.qkv_bias else "llama",
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "intermediate_size": args.hidden_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+    }
+    if args.rope_scaling:
+        config["rope_scaling"] = {"rope_type": "llama3", **args.rope_scaling}
+    return config
+
+
+def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path | None = None,
+            bos_id: int | None = None, eos_ids: list[int] = (), force: bool = False) -> Path:  # fmt: skip
+    """Write config.json + model.safetensors (+ the tokenizer file) atomically into out_dir."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise LLMKitError(f"{out_dir} already exists; choose another folder or pass force=True / --force")
+    if not out_dir.parent.exists():
+        raise LLMKitError(f"folder {out_dir.parent} does not exist; create it first")
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if model.args.tie_embeddings and name == "output.weight":
+            continue
+        state[ours_to_hf(name)] = tensor.detach().contiguous()
+    dtype = model.tok_embeddings.weight.dtype
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = hf_config(model.args, dtype, bos_id, list(eos_ids))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_path is not None:
+            shutil.copy(tokenizer_path, tmp / Path(tokenizer_path).name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# ---- Meta -----------------------------------------------------------------------------------
+
+
+def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
+    """Meta's params.json + consolidated.NN.pth (model-parallel shards are concatenated)."""
+    params = json.loads((folder / "params.json").read_text())
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if not shards:
+        raise LLMKitError(f"{folder}: params.json but no consolidated.*.pth weights")
+    try:
+        parts = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
+    except Exception as e:  # torch raises several types for a damaged zip
+        raise LLMKitError(f"{folder}: cannot read the .pth weights ({e}); download them again") from None
+    state = {}
+    for name in parts[0]:
+        if name.endswith("rope.freqs"):
+            continue
+        if len(parts) == 1 or parts[0][name].dim() == 1:
+            state[name] = parts[0][name]
+        else:  # column-parallel layers split their rows, row-parallel ones their columns
+            cat_dim = 1 if any(s in name for s in ("wo.", "w2.", "tok_embeddings")) else 0
+            state[name] = torch.cat([p[name] for p in parts], dim=cat_dim)
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    scaling = None
+    if params.get("use_scaled_rope"):
+        scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    args = ModelArgs(
+        dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+        vocab_size=state["tok_embeddings.weight"].shape[0],
+        hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
+        norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=scaling, max_seq_len=max_seq_len or 2048, tie_embeddings="output.weight" not in state,
+    )  # fmt: skip
+    for i in range(args.n_layers):
+        for w, heads in (("wq", n_heads), ("wk", n_kv_heads)):
+            key = f"layers.{i}.attention.{w}.weight"
+            state[key] = interleaved_to_halves(state[key], heads)
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return _build(args, state, folder)

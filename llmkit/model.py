@@ -1,0 +1,209 @@
+"""A Llama-family decoder in one file, in the style of gpt-fast's model.py.
+
+One definition serves Llama 2, Llama 3.x, Qwen2, SmolLM and llama2.c's TinyStories models:
+RMSNorm, rotary position embeddings (RoPE, "halves" layout as in Hugging Face files),
+grouped-query attention through `scaled_dot_product_attention`, a SwiGLU MLP and a static
+KV cache: preallocated buffers updated in place, so decoding is one token at a time.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None: as many as n_heads (no grouping)
+    vocab_size: int = 32000
+    hidden_dim: int = 768  # width of the SwiGLU MLP
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1: factor, low_freq_factor, high_freq_factor, original_max_...
+    max_seq_len: int = 2048  # length of the KV cache, and so of the context
+    tie_embeddings: bool = False  # the output layer reuses the token embedding matrix
+    qkv_bias: bool = False  # Qwen2 has biases on the q, k and v projections
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"dim ({self.dim}) must divide into n_heads ({self.n_heads}) heads, "
+                f"and n_heads into n_kv_heads ({self.n_kv_heads}) groups"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 for stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """The rotation speed of each pair of head dimensions, with Llama 3.1's long-context scaling."""
+    d = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = args.rope_scaling
+    if s:  # Llama 3.1: slow down low frequencies, keep high ones, blend in between
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freqs
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        blended = (1 - smooth) * freqs / factor + smooth * freqs
+        freqs = torch.where(wavelen > old_len / low, freqs / factor, freqs)
+        freqs = torch.where((wavelen >= old_len / high) & (wavelen <= old_len / low), blended, freqs)
+    return freqs
+
+
+def rope_cache(args: ModelArgs) -> tuple[Tensor, Tensor]:
+    """cos and sin of every position's angle, shape [max_seq_len, head_dim] (halves layout)."""
+    t = torch.arange(args.max_seq_len, dtype=torch.float64)
+    angles = torch.outer(t, rope_frequencies(args))
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (i, i + head_dim/2) pair of x [B, H, T, D] by its position's angle."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far, in preallocated [B, H_kv, max_seq_len, D] buffers."""
+
+    def __init__(self, args: ModelArgs, max_batch_size: int = 1, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        shape = (max_batch_size, args.n_kv_heads, args.max_seq_len, args.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        kv_dim = args.n_kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, args.dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+        self.kv_cache = KVCache(args)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:  # decoding: attend to the whole cache, masked to the past
+            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.setup_buffers()
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """Logits [B, T, vocab] for tokens [B, T].
+
+        With `input_pos` (the T positions, a LongTensor) keys and values go into the KV cache and
+        each token attends to every cached position before it: prefill, then one-token decode.
+        Without it the sequence is scored on its own, causally, with no cache (training, perplexity).
+        """
+        T = tokens.shape[1]
+        if input_pos is None:
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            mask = self.causal_mask[None, None, input_pos]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.output(self.norm(x))
+
+    def setup_buffers(self) -> None:
+        """(Re)build the RoPE tables, the causal mask and empty KV caches on the weights' device.
+
+        Called after moving the model to another device or dtype, or loading it on the meta device.
+        """
+        args, w = self.args, self.tok_embeddings.weight
+        device = w.device
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        cos, sin = rope_cache(args)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        causal = torch.tril(torch.ones(args.max_seq_len, args.max_seq_len, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", causal, persistent=False)
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(args, dtype=dtype).to(device)
