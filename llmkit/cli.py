@@ -1,0 +1,89 @@
+"""The `llmkit` command line, with torchchat's flag names.
+
+Every user-fixable problem is an `LLMKitError`: one line on stderr, exit status 2, no traceback.
+"""
+
+import argparse
+import sys
+
+from llmkit.errors import LLMKitError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-path", default="default", help="checkpoint file or folder (default: the kit's model)")
+    p.add_argument("--tokenizer-path", default=None, help="tokenizer file (default: found beside the checkpoint)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="cap on the context length (KV cache size)")
+
+
+def load_from_args(args: argparse.Namespace):
+    from llmkit.generate import load
+
+    return load(args.checkpoint_path, args.tokenizer_path, args.device, args.dtype, args.max_seq_len)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    llm = load_from_args(args)
+    print(args.prompt, end="", flush=True)
+    out = llm.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or (),
+        on_text=lambda piece: print(piece, end="", flush=True),
+    )
+    print()
+    print(out.stats, file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from llmkit.data import heldout_text
+    from llmkit.evaluate import perplexity, read_text
+
+    llm = load_from_args(args)
+    text = read_text(args.text) if args.text else heldout_text()
+    result = perplexity(llm, text, seq_len=args.seq_len)
+    print(f"perplexity {result.value:.4f} over {result.n_tokens} tokens (seq-len {args.seq_len})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmkit", description="Learn and measure LLM inference in PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    add_model_arguments(p)
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity on a text file (default: the kit's held-out text)")
+    add_model_arguments(p)
+    p.add_argument("--text", default=None, help="UTF-8 text file, paragraphs separated by blank lines")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LLMKitError as e:
+        print(f"llmkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
