@@ -79,16 +79,17 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
 
 
 class LLM:
-    """A model, its tokenizer and the step function that runs it."""
+    """A tokenizer and the step function that runs the model: eager, compiled, AOTI or ExecuTorch.
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", step: Step | None = None):
+    `model` is the eager `Transformer` where there is one (an exported program has none).
+    """
+
+    def __init__(self, model: Transformer | None, tokenizer: Tokenizer, name: str = "model",
+                 step: Step | None = None, max_seq_len: int | None = None, device: str | None = None):  # fmt: skip
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.step: Step = step if step is not None else model
-        self.max_seq_len = model.args.max_seq_len
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        self.max_seq_len = max_seq_len or model.args.max_seq_len
+        self.device = torch.device(device) if device else model.tok_embeddings.weight.device
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)

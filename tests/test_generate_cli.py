@@ -52,7 +52,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     rng = torch.Generator().manual_seed(0)
     assert {sample(logits, 1.5, 1, None, rng) for _ in range(20)} == {1}
     assert {sample(logits, 1.5, None, 0.01, rng) for _ in range(20)} == {1}
-    assert {sample(logits, 1.5, None, 0.9, rng) for _ in range(200)} == {1, 2}
+    assert {sample(logits, 1.5, None, 0.8, rng) for _ in range(200)} == {1, 2}  # 0.43 + 0.40 >= 0.8
 
 
 def test_cli_generate_prints_prompt_continuation_and_stats(shared_data, capsys):
