@@ -26,6 +26,7 @@ class Stats:
     new_tokens: int = 0
     time_to_first_token: float = 0.0  # seconds: prefill plus sampling the first new token
     decode_time: float = 0.0  # seconds spent on the new tokens after the first
+    compile_time: float = 0.0  # seconds the first (compiling) calls took, before generation
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -36,7 +37,8 @@ class Stats:
         return (self.new_tokens - 1) / self.decode_time if self.decode_time else 0.0
 
     def __str__(self) -> str:
-        return (
+        compiled = f"compile {self.compile_time:.1f} s (first calls) | " if self.compile_time else ""
+        return compiled + (
             f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens | "
             f"time to first token {self.time_to_first_token * 1000:.1f} ms | "
             f"prefill {self.prefill_tokens_per_s:.1f} tok/s | decode {self.decode_tokens_per_s:.1f} tok/s"
@@ -88,6 +90,7 @@ class LLM:
                  step: Step | None = None, max_seq_len: int | None = None, device: str | None = None):  # fmt: skip
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.step: Step = step if step is not None else model
+        self.compile_time = 0.0  # set by llmkit.compile
         self.max_seq_len = max_seq_len or model.args.max_seq_len
         self.device = torch.device(device) if device else model.tok_embeddings.weight.device
 
@@ -120,7 +123,7 @@ class LLM:
         rng = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         stop_ids = set(self.tokenizer.eos_ids)
         stream = StreamDecoder(self.tokenizer, ids)
-        out = Generation(stats=Stats(prompt_tokens=len(ids)))
+        out = Generation(stats=Stats(prompt_tokens=len(ids), compile_time=self.compile_time))
         device = self.device
         max_new_tokens = min(max_new_tokens, self.max_seq_len - len(ids))
 

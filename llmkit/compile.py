@@ -1,0 +1,61 @@
+"""torch.compile for generation: a compiled one-token decode step, and optionally the prefill.
+
+Decode runs the same shapes every step, so it compiles once into a static graph: inductor's C++
+path on the CPU, CUDA graphs (`mode="reduce-overhead"`) on a GPU. The prefill's length varies
+with the prompt, so it is compiled with a dynamic sequence length, only when asked.
+"""
+
+import time
+import warnings
+
+import torch
+from torch import Tensor
+
+from llmkit.generate import LLM
+from llmkit.model import Transformer
+
+
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor) -> Tensor:
+    return model(token, input_pos)
+
+
+def prefill_prompt(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    return model(tokens, input_pos)
+
+
+def compile(llm: LLM, prefill: bool = False) -> LLM:
+    """Compile the decode step (and the prefill) of `llm` in place, warming both up.
+
+    The first calls compile; their time is kept in `llm.compile_time` so generation statistics
+    show steady-state speed. Where inductor or torchao can't compile the model (MX formats on
+    the CPU, say), this warns in one line and keeps eager.
+    """
+    model = llm.model
+    on_cuda = llm.device.type == "cuda"
+    options = None if on_cuda else {"cpp_wrapper": True}
+    mode = "reduce-overhead" if on_cuda else None
+    decode_fn = torch.compile(decode_one_token, fullgraph=True, mode=mode, options=options)
+    prefill_fn = torch.compile(prefill_prompt, fullgraph=True, dynamic=True, options=options)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            if prefill:  # a length other than 1, so the graph stays dynamic in the sequence length
+                prefill_fn(model, torch.zeros(1, 2, dtype=torch.long, device=llm.device),
+                           torch.arange(2, device=llm.device))  # fmt: skip
+            for _ in range(3):  # CUDA graphs record on the third call
+                decode_fn(model, torch.zeros(1, 1, dtype=torch.long, device=llm.device),
+                          torch.zeros(1, dtype=torch.long, device=llm.device))  # fmt: skip
+    except Exception as e:  # inductor and torchao raise many types; eager still works
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"torch.compile can't compile this model here ({first_line[:160]}); running eager", stacklevel=2)
+        torch._dynamo.reset()
+        return llm
+    llm.compile_time = time.perf_counter() - start
+
+    def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
+        if tokens.shape[1] == 1:
+            return decode_fn(model, tokens, input_pos).clone()  # CUDA graph outputs are reused buffers
+        return prefill_fn(model, tokens, input_pos) if prefill else model(tokens, input_pos)
+
+    llm.step = step
+    return llm
