@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= The built-in function
 
-.PHONY: demo test test-unit test-notebooks lint lab default-model clean
+.PHONY: demo test test-unit test-notebooks lint lab default-model runner clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) runner
 	$(VENV)/bin/pytest tests
 
 test-notebooks: $(STAMP)
@@ -32,5 +32,11 @@ lab: $(STAMP)
 default-model: $(STAMP)
 	@echo "see data/pydoc-lm/README.md"
 
+# llmkit-run, the C++ runner for .pt2 packages: libtorch from the torch wheel, SentencePiece from
+# Debian (apt-get install libsentencepiece-dev cmake g++).
+runner: $(STAMP)
+	cmake -S runner -B runner/build -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake --build runner/build -j2
+
 clean:
-	rm -rf $(VENV) book/_build
+	rm -rf $(VENV) book/_build runner/build

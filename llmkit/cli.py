@@ -17,14 +17,36 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048, help="cap on the context length (KV cache size)")
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """How to run the model: compiled, or from an exported package instead of the checkpoint."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic length)")
+    p.add_argument("--aoti-package-path", default=None, help="run an AOTInductor .pt2 made by llmkit export")
+
+
 def load_from_args(args: argparse.Namespace):
     from llmkit.generate import load
 
     return load(args.checkpoint_path, args.tokenizer_path, args.device, args.dtype, args.max_seq_len)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def llm_from_args(args: argparse.Namespace):
+    """The LLM the flags describe: a package, or a checkpoint optionally compiled."""
+    if getattr(args, "aoti_package_path", None):
+        from llmkit.export import load_aoti
+
+        return load_aoti(args.aoti_package_path, args.tokenizer_path)
     llm = load_from_args(args)
+    if getattr(args, "compile", False) or getattr(args, "compile_prefill", False):
+        from llmkit.compile import compile
+
+        print("compiling (the first calls take a while)...", file=sys.stderr)
+        compile(llm, prefill=args.compile_prefill)
+    return llm
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    llm = llm_from_args(args)
     print(args.prompt, end="", flush=True)
     out = llm.generate(
         args.prompt,
@@ -50,6 +72,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"perplexity {result.value:.4f} over {result.n_tokens} tokens (seq-len {args.seq_len})")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from llmkit.export import check_output_path, export_aoti
+
+    if not args.output_aoti_package_path:
+        raise LLMKitError("say where to write: --output-aoti-package-path model.pt2")
+    check_output_path(args.output_aoti_package_path, args.force)  # fail before the slow part
+    llm = load_from_args(args)
+    print("exporting and compiling ahead of time (about a minute)...", file=sys.stderr)
+    path = export_aoti(llm, args.output_aoti_package_path, force=args.force)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmkit", description="Learn and measure LLM inference in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    add_run_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity on a text file (default: the kit's held-out text)")
@@ -70,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="UTF-8 text file, paragraphs separated by blank lines")
     p.add_argument("--seq-len", type=int, default=256)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export the model ahead of time (.pt2)")
+    add_model_arguments(p)
+    p.add_argument("--output-aoti-package-path", default=None, help="write an AOTInductor package here")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
