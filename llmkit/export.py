@@ -46,20 +46,22 @@ def export_program(llm: LLM) -> torch.export.ExportedProgram:
 
 
 def runner_metadata(llm: LLM) -> dict[str, str]:
+    """What a runner needs besides the graph. A model benchmarked with random weights has no tokenizer."""
     tok = llm.tokenizer
-    return {
+    meta = {
         "llmkit_format": FORMAT_VERSION,
         "llmkit_version": version("llmkit"),
         "torch_version": torch.__version__,
         "device": llm.device.type,
         "model_args": json.dumps(llm.model.args.to_dict()),
         "max_seq_len": str(llm.max_seq_len),
-        "tokenizer_file": tok.path.name,
-        "tokenizer_sha256": sha256(tok.path),
-        "bos_id": str(tok.bos_id),
-        "eos_ids": ",".join(map(str, tok.eos_ids)),
-        "scheme": getattr(llm, "scheme", "none"),
+        "scheme": str(getattr(llm, "scheme", "none")),
+        "tokenizer_file": "",
     }
+    if tok is not None:
+        meta.update(tokenizer_file=tok.path.name, tokenizer_sha256=sha256(tok.path), bos_id=str(tok.bos_id),
+                    eos_ids=",".join(map(str, tok.eos_ids)))  # fmt: skip
+    return meta
 
 
 def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
@@ -76,8 +78,8 @@ def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
         torch._inductor.aoti_compile_and_package(
             ep, package_path=tmp, inductor_configs={"aot_inductor.metadata": runner_metadata(llm)}
         )
-        tok_copy = tokenizer_beside(path, llm.tokenizer.path)
-        tok_copy.write_bytes(llm.tokenizer.path.read_bytes())
+        if llm.tokenizer is not None:
+            tokenizer_beside(path, llm.tokenizer.path).write_bytes(llm.tokenizer.path.read_bytes())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -107,15 +109,18 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     device = meta["device"]
     if device == "cuda" and not torch.cuda.is_available():
         raise LLMKitError(f"{path} was compiled for cuda but this machine has no GPU; export again with --device cpu")
-    tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, meta["tokenizer_file"])
-    if not tok_path.is_file():
-        raise LLMKitError(f"the package's tokenizer {tok_path} is missing; pass --tokenizer-path to the original file")
-    if sha256(tok_path) != meta["tokenizer_sha256"]:
-        raise LLMKitError(f"{tok_path} is not the tokenizer {path} was exported with (checksum differs)")
+    tok = None
+    if meta["tokenizer_file"]:
+        tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, meta["tokenizer_file"])
+        if not tok_path.is_file():
+            raise LLMKitError(f"the package's tokenizer {tok_path} is missing; pass --tokenizer-path to the original")
+        if sha256(tok_path) != meta["tokenizer_sha256"]:
+            raise LLMKitError(f"{tok_path} is not the tokenizer {path} was exported with (checksum differs)")
+        tok = load_tokenizer(tok_path)
     def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
         return runner(tokens, input_pos)
 
-    llm = LLM(None, load_tokenizer(tok_path), name=path.stem, step=step,
+    llm = LLM(None, tok, name=path.stem, step=step,
               max_seq_len=int(meta["max_seq_len"]), device=device)  # fmt: skip
     llm.metadata = meta
     return llm

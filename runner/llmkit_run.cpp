@@ -92,6 +92,7 @@ int main(int argc, char** argv) {
   }
   auto meta = loader->get_metadata();
   if (meta.find("llmkit_format") == meta.end()) fail(o.package + " was not made by llmkit export");
+  if (meta["tokenizer_file"].empty()) fail(o.package + " was exported without a tokenizer (random weights)");
   const int max_seq_len = std::stoi(meta["max_seq_len"]);
   const int bos = std::stoi(meta["bos_id"]);
   const std::vector<int> eos_list = split_ints(meta["eos_ids"]);
