@@ -6,10 +6,12 @@ Every user-fixable problem is an `LLMKitError`: one line on stderr, exit status 
 import argparse
 import sys
 
+from llmkit import chat, hub
 from llmkit.errors import LLMKitError
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="ALIAS", help="a downloaded model by name (see `llmkit list`)")
     p.add_argument("--checkpoint-path", default="default", help="checkpoint file or folder (default: the kit's model)")
     p.add_argument("--tokenizer-path", default=None, help="tokenizer file (default: found beside the checkpoint)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -27,7 +29,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace):
     from llmkit.generate import load
 
-    return load(args.checkpoint_path, args.tokenizer_path, args.device, args.dtype, args.max_seq_len)
+    checkpoint, tokenizer = args.checkpoint_path, args.tokenizer_path
+    if args.model:
+        if checkpoint != "default":
+            raise LLMKitError("give --model or --checkpoint-path, not both")
+        files = hub.resolve(args.model)
+        checkpoint, tokenizer = files.checkpoint, tokenizer or files.tokenizer
+    llm = load(checkpoint, tokenizer, args.device, args.dtype, args.max_seq_len)
+    if args.model:
+        llm.name = args.model  # a Hub snapshot folder is named by its commit hash
+    return llm
 
 
 def llm_from_args(args: argparse.Namespace):
@@ -111,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-aoti-package-path", default=None, help="write an AOTInductor package here")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_export)
+
+    hub.register_cli(sub)
+    chat.register_cli(sub)
     return parser
 
 

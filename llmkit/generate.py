@@ -94,6 +94,12 @@ class LLM:
         self.max_seq_len = max_seq_len or model.args.max_seq_len
         self.device = torch.device(device) if device else model.tok_embeddings.weight.device
 
+    def chat(self, messages: Sequence[dict[str, str]], **options) -> Generation:
+        """Reply to a conversation in the model's chat format; see llmkit.chat.chat for the options."""
+        from llmkit.chat import chat
+
+        return chat(self, messages, **options)
+
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
         if len(ids) >= self.max_seq_len:
