@@ -1,0 +1,358 @@
+"""Train the kit's default model, pydoc-lm, from the prose that ships with Python.
+
+Two stages, so the corpus (which depends on the Python that builds it) can be made on one
+machine and the model trained on another (a GPU):
+
+    prepare: corpus -> SentencePiece BPE tokenizer -> token ids (.npy) + corpus.json
+    fit:     token ids -> Llama model (AdamW, warm-up + cosine decay) -> Hugging Face folder
+
+    python -m llmkit.train --out data/pydoc-lm                      # both, here
+    python -m llmkit.train prepare --work .gpu                      # stage 1 only
+    python -m llmkit.train --data .gpu --out OUT --device cuda      # stage 2 from stage 1's folder
+"""
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from llmkit import data
+from llmkit.checkpoint import save_hf
+from llmkit.evaluate import score_ids, unigram_perplexity_of_ids
+from llmkit.model import ModelArgs, Transformer
+
+PRESETS = {  # vocab_size is taken from the tokenizer
+    "default": ModelArgs(dim=256, n_layers=8, n_heads=8, n_kv_heads=2, hidden_dim=688, max_seq_len=512,
+                         tie_embeddings=True),
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, max_seq_len=128,
+                      tie_embeddings=True),
+}  # fmt: skip
+EVAL_SEQ_LEN = 256  # the window `llmkit eval` uses by default, so the card's number is what learners see
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # ~12 passes over the corpus: the held-out loss rises after that, as the model memorises
+    batch_size: int = 32
+    seq_len: int = 512
+    lr: float = 2e-3  # peak, after warm-up
+    min_lr: float = 1e-4  # end of the cosine decay
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1337
+    device: str = "cpu"
+    eval_every: int = 100  # steps between held-out perplexity readings (0: only at the end)
+
+
+# ---- stage 1: corpus, tokenizer, token ids ------------------------------------------------------
+
+
+def train_tokenizer(text: str, path: Path, vocab_size: int = 4096) -> Path:
+    """A Llama-style SentencePiece BPE model: unknown characters fall back to bytes, digits split,
+    text kept as is. One thread and no sampling, so the same text gives the same file."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(data.paragraphs(text)), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, split_digits=True, character_coverage=0.9999,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 16,
+        num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def prepare(work: Path, vocab_size: int = 4096) -> dict:
+    """Build the corpus, train the tokenizer on the training split and save both splits as token ids."""
+    from llmkit.tokenizer import load_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    train_docs, heldout_docs = data.split(data.build_corpus())
+    tokenizer = load_tokenizer(train_tokenizer(data.join(train_docs), work / "tokenizer.model", vocab_size))
+    train_ids = data.encode(data.join(train_docs), tokenizer)
+    heldout_ids = data.encode(data.join(heldout_docs), tokenizer)
+    np.save(work / "train.npy", train_ids)
+    np.save(work / "heldout.npy", heldout_ids)
+    stats = {
+        "python": platform.python_version(),
+        "vocab_size": tokenizer.vocab_size,
+        "train": dataclasses.asdict(data.corpus_size(train_docs, tokenizer)),
+        "heldout": dataclasses.asdict(data.corpus_size(heldout_docs, tokenizer)),
+        "unigram_perplexity": unigram_perplexity_of_ids(train_ids, heldout_ids, tokenizer.vocab_size).value,
+        "bos_id": tokenizer.bos_id,
+        "eos_ids": list(tokenizer.eos_ids),
+    }
+    (work / "corpus.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+# ---- stage 2: the model -------------------------------------------------------------------------
+
+
+def init_weights(model: Transformer) -> None:
+    """GPT-2's scheme: N(0, 0.02) everywhere, and the projections that add into the residual stream
+    scaled down by sqrt(2 * n_layers) so the stream's variance does not grow with depth."""
+    residual_std = 0.02 / math.sqrt(2 * model.args.n_layers)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, std=residual_std if name.endswith(("wo.weight", "w2.weight")) else 0.02)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def optimizer_for(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays the matrices only: norm gains are left alone, as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=cfg.device.startswith("cuda"))
+
+
+def random_batch(ids: Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """batch_size windows of seq_len + 1 tokens at random offsets: inputs and next-token targets."""
+    starts = torch.randint(len(ids) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+    rows = torch.stack([ids[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(cfg.device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def fit(args: ModelArgs, train_ids: np.ndarray, cfg: TrainConfig, eval_ids: np.ndarray | None = None):
+    """Train a fresh model; returns it (float32 weights) and the history of (step, loss, eval perplexity)."""
+    torch.manual_seed(cfg.seed)
+    model = Transformer(args)
+    init_weights(model)
+    model.to(cfg.device).train()
+    ids = torch.from_numpy(train_ids.astype(np.int64))
+    held = torch.from_numpy(eval_ids.astype(np.int64)) if eval_ids is not None else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = optimizer_for(model, cfg)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda"))
+    history = []
+    bar = tqdm(range(cfg.steps), desc="train", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = random_batch(ids, cfg, gen)
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        last = step == cfg.steps - 1
+        if step % 10 == 0 or last:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, cfg):.2e}", refresh=False)
+        if held is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            model.eval()
+            with autocast:
+                ppl = score_ids(model, held, min(EVAL_SEQ_LEN, args.max_seq_len), cfg.device, progress=False)
+            model.train()
+            history.append((step + 1, loss.item(), ppl.value))
+            tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, held-out perplexity {ppl.value:.2f}")
+    return model.eval(), history
+
+
+@torch.no_grad()
+def round_to_bf16(model: Transformer) -> None:
+    """Round the float32 weights to what bfloat16 storage keeps, so evaluation sees the shipped model
+    (the RoPE tables, which are rebuilt in float32 at load time, are left alone)."""
+    for p in model.parameters():
+        p.copy_(p.to(torch.bfloat16))
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+# ---- output: the model folder and its card ------------------------------------------------------
+
+
+MODEL_CARD = """\
+# pydoc-lm
+
+llmkit's own default model: a {params_m:.1f}M-parameter Llama-architecture model trained by the kit
+(`llmkit/train.py`) on English prose that ships with every CPython installation. It writes text in
+the style of Python's documentation and docstrings; it knows no facts beyond that, and is made for
+learning how inference works, offline.
+
+## Files
+
+| file | what | size |
+| --- | --- | --- |
+{files}
+
+Hugging Face layout (`LlamaForCausalLM`): `transformers` loads it with `from_pretrained`, and
+`llmkit.load("default")` loads it.
+
+## Model
+
+dim {dim}, {n_layers} layers, {n_heads} heads ({n_kv_heads} key/value heads, grouped-query attention),
+SwiGLU hidden width {hidden_dim}, vocabulary {vocab_size}, tied input/output embeddings, RoPE
+(theta {rope_theta:g}), context {max_seq_len} tokens. {params} parameters, stored in bfloat16.
+
+## Corpus
+
+Built at run time by `llmkit.data.build_corpus()` from Python {python}: the documentation topics of
+`pydoc_data.topics` and the docstrings of the importable public standard-library modules, classes
+and functions, with doctest examples removed, one paragraph per line. Documents whose
+`crc32(name) % 100 < {heldout_percent}` are held out for evaluation.
+
+| split | documents | paragraphs | characters | tokens |
+| --- | --- | --- | --- | --- |
+| train | {train[documents]} | {train[paragraphs]} | {train[chars]:,} | {train[tokens]:,} |
+| held out | {heldout[documents]} | {heldout[paragraphs]} | {heldout[chars]:,} | {heldout[tokens]:,} |
+
+Tokenizer: SentencePiece BPE, {vocab_size} pieces, byte fallback, digits split, trained on the
+training split. Each paragraph is encoded as BOS + its tokens; paragraphs are concatenated (no EOS),
+so the model ends a paragraph by predicting BOS.
+
+## Training
+
+{steps} steps of {batch_size} random windows of {seq_len} tokens ({tokens_seen:,} tokens, about
+{epochs:.0f} passes over the training split), AdamW (betas 0.9, 0.95, weight decay {weight_decay} on
+matrices), learning rate warmed up linearly over {warmup} steps to {lr:g}, then cosine-decayed to
+{min_lr:g}; gradients clipped at {grad_clip}; seed {seed}; bfloat16 autocast on CUDA. The number of
+steps and the peak learning rate were chosen by a small sweep scored on the last 5% of the training
+tokens (not on the held-out text): the corpus is small, and with more steps the model memorises it
+and its perplexity on unseen text rises. Training took {train_s:.0f} s on {device}, with:
+
+    {command}
+
+after `python -m llmkit.train prepare --work DIR` made the tokenizer and token ids with Python
+{python}. `python -m llmkit.train --out data/pydoc-lm --device cuda` does both in one go.
+
+## Evaluation
+
+Held-out perplexity (windows of {eval_seq_len} tokens, bfloat16 weights computed in float32):
+**{ppl:.2f}** over {eval_tokens:,} tokens. An add-one smoothed unigram model fitted on the training
+split scores {unigram:.1f} on the same text: {ratio:.1f} times higher. Reproduce with `llmkit eval`.
+
+## Licence
+
+The training text is taken from CPython's documentation and source, Copyright © Python Software
+Foundation, under the PSF License Agreement (https://docs.python.org/3/license.html). The weights
+are derived from that text and are distributed under the same terms.
+"""
+
+
+def model_card(model: Transformer, stats: dict, cfg: TrainConfig, run: dict) -> str:
+    args = model.args
+    params = sum(p.numel() for p in model.parameters())
+    tokens_seen = cfg.steps * cfg.batch_size * cfg.seq_len
+    fields = {**stats, **dataclasses.asdict(cfg), **dataclasses.asdict(args), **run}  # args' vocab_size wins
+    return MODEL_CARD.format(
+        **fields, params_m=params / 1e6, params=f"{params:,}", heldout_percent=data.HELDOUT_PERCENT,
+        tokens_seen=tokens_seen, epochs=tokens_seen / stats["train"]["tokens"],
+        unigram=stats["unigram_perplexity"], ratio=stats["unigram_perplexity"] / run["ppl"],
+    )  # fmt: skip
+
+
+FILE_ROLES = {
+    "config.json": "architecture, for transformers and llmkit",
+    "model.safetensors": "weights, bfloat16, Hugging Face names",
+    "tokenizer.model": "SentencePiece tokenizer",
+}
+
+
+def file_table(folder: Path) -> str:
+    sizes = {name: (folder / name).stat().st_size for name in FILE_ROLES}
+    return "\n".join(f"| `{name}` | {role} | {sizes[name]:,} bytes |" for name, role in FILE_ROLES.items())
+
+
+def write_model(model: Transformer, work: Path, out: Path, stats: dict, cfg: TrainConfig, run: dict) -> Path:
+    """The model folder with its card, built beside `out` and renamed into place (replacing it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        folder = save_hf(model, tmp / "model", tokenizer_path=work / "tokenizer.model",
+                         bos_id=stats["bos_id"], eos_ids=stats["eos_ids"])  # fmt: skip
+        card = model_card(model, stats, cfg, {**run, "files": file_table(folder)})
+        (folder / "README.md").write_text(card)
+        folder.chmod(0o755)
+        for f in folder.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            os.replace(out, tmp / "old")
+        os.replace(folder, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def train_from(work: Path, out: Path, preset: str, cfg: TrainConfig, command: str) -> dict:
+    """Stage 2: train on prepared token ids, measure held-out perplexity and write the model folder."""
+    stats = json.loads((work / "corpus.json").read_text())
+    args = dataclasses.replace(PRESETS[preset], vocab_size=stats["vocab_size"])
+    train_ids, heldout_ids = np.load(work / "train.npy"), np.load(work / "heldout.npy")
+    start = time.perf_counter()
+    model, history = fit(args, train_ids, cfg, heldout_ids if cfg.eval_every else None)
+    train_s = time.perf_counter() - start
+    round_to_bf16(model)
+    ids = torch.from_numpy(heldout_ids.astype(np.int64))
+    eval_seq_len = min(EVAL_SEQ_LEN, args.max_seq_len)
+    ppl = score_ids(model, ids, eval_seq_len, cfg.device)
+    run = {"train_s": train_s, "device": device_name(cfg.device), "command": command,
+           "ppl": ppl.value, "eval_tokens": ppl.n_tokens, "eval_seq_len": eval_seq_len}  # fmt: skip
+    write_model(model.to(device="cpu", dtype=torch.bfloat16), work, out, stats, cfg, run)
+    return {**run, "history": history, "unigram": stats["unigram_perplexity"]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m llmkit.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", nargs="?", choices=["all", "prepare"], default="all")
+    p.add_argument("--work", type=Path, default=Path(".gpu"), help="prepare's output folder")
+    p.add_argument("--data", type=Path, default=None, help="train from a prepared folder")
+    p.add_argument("--out", type=Path, default=Path("data/pydoc-lm"), help="model folder to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    if a.stage == "prepare":
+        print(json.dumps(prepare(a.work, a.vocab_size), indent=2))
+        return
+    command = "python -m llmkit.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = a.data or Path(scratch)
+        if a.data is None:
+            prepare(work, a.vocab_size)
+        result = train_from(work, a.out, a.preset, cfg, command)
+    print(f"{a.out}: held-out perplexity {result['ppl']:.2f} (unigram {result['unigram']:.1f}), "
+          f"trained in {result['train_s']:.0f} s on {result['device']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
