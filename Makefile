@@ -29,8 +29,11 @@ test: lint test-unit test-notebooks
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
+# Rebuild the shipped default model (data/pydoc-lm): corpus, tokenizer and training.
+# DEVICE=cuda took 16 s on an H200; DEVICE=cpu works too, slowly.
+DEVICE ?= cuda
 default-model: $(STAMP)
-	@echo "see data/pydoc-lm/README.md"
+	$(PY) -m llmkit.train --out data/pydoc-lm --device $(DEVICE)
 
 # llmkit-run, the C++ runner for .pt2 packages: libtorch from the torch wheel, SentencePiece from
 # Debian (apt-get install libsentencepiece-dev cmake g++).
