@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/llmkit generate --prompt "$(PROMPT)" --max-new-tokens 120 --temperature 0
+	$(VENV)/bin/llmkit generate --prompt "$(PROMPT)" --max-new-tokens 120 --temperature 0.7 --top-k 40 --seed 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,23 +1,31 @@
-"""Export the model: AOTInductor `.pt2` packages (run from Python or C++ without Python).
+"""Export the model: AOTInductor `.pt2` packages (run from Python or C++ without Python) and
+ExecuTorch `.pte` programs (XNNPACK on a phone-sized CPU, run by ExecuTorch's runtime or LLM runner).
 
 `torch.export` captures the model's forward (tokens, input positions) once, with a dynamic
 sequence length so one graph serves prefill and decode, and the KV cache as buffers that the
 loaded package keeps and updates. What a runner needs besides the graph (model arguments,
-tokenizer name and checksum, BOS/EOS ids, device, llmkit version) travels as package metadata.
+tokenizer name and checksum, BOS/EOS ids, device, llmkit version) travels as package metadata
+(in a `.pte`, as constant methods).
 """
 
+import copy
 import hashlib
 import json
 import os
+import struct
 import tempfile
+from collections import Counter
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from llmkit.errors import LLMKitError
-from llmkit.generate import LLM
+from llmkit.generate import LLM, Stats
+from llmkit.model import Attention, ModelArgs, RMSNorm, Transformer
 from llmkit.tokenizer import load_tokenizer
 
 FORMAT_VERSION = "1"  # bump when the package layout or metadata changes
@@ -124,3 +132,334 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
               max_seq_len=int(meta["max_seq_len"]), device=device)  # fmt: skip
     llm.metadata = meta
     return llm
+
+
+# ---- ExecuTorch .pte: XNNPACK on the CPU, run by ExecuTorch's runtime or its C++ LLM runner ----------
+
+PTE_FORMAT_VERSION = 1  # bump when the program's inputs, outputs or metadata methods change
+PTE_REQUIRED_METHODS = ("forward", "get_max_seq_len", "get_vocab_size")  # what load_pte and the runner need
+
+
+def import_executorch_ops() -> None:
+    """Register ExecuTorch's LLM custom ops (llama::update_cache, llama::custom_sdpa) and quantized kernels.
+
+    Exporting needs the ops' PyTorch definitions, and a process that runs a .pte needs their kernels.
+    """
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+class CustomKVCache(nn.Module):
+    """The KV cache in ExecuTorch's layout [B, max_seq_len, H_kv, D], written in place by llama::update_cache."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype):
+        super().__init__()
+        shape = (1, args.max_seq_len, args.n_kv_heads, args.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        return self.k_cache, self.v_cache
+
+
+class CustomOpAttention(nn.Module):
+    """`Attention` computed as ExecuTorch's own LLM export does, with the same weights.
+
+    Tensors stay [B, T, H, D], the layout of the custom ops: llama::custom_sdpa attends from positions
+    start..start+T-1 to the cache up to each one (causal mask and grouped heads built in), so the model's
+    mask goes unused. Rotating halves is a product with a fixed signed permutation rather than a split of
+    the head dimension, and reshapes infer the dynamic length (-1): XNNPACK delegates neither a slice nor
+    a reshape of a dynamic-length tensor, and each op it leaves out splits the graph into more delegates.
+    """
+
+    def __init__(self, attention: Attention, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        self.kv_cache = CustomKVCache(args, attention.kv_cache.k_cache.dtype)
+        half, eye = self.head_dim // 2, torch.eye(self.head_dim // 2)
+        rotate = torch.zeros(self.head_dim, self.head_dim)
+        rotate[:half, half:], rotate[half:, :half] = -eye, eye  # x -> cat(-x2, x1), as model.rotate_half
+        self.register_buffer("rotate", rotate, persistent=False)
+
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return x * cos + F.linear(x, self.rotate) * sin
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor) -> Tensor:
+        B, _, dim = x.shape
+        cos, sin = cos.view(-1, 1, self.head_dim), sin.view(-1, 1, self.head_dim)  # [T, 1, D] against [B, T, H, D]
+        q = self.rope(self.wq(x).view(B, -1, self.n_heads, self.head_dim), cos, sin)
+        k = self.rope(self.wk(x).view(B, -1, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, -1, self.n_kv_heads, self.head_dim)
+        start = input_pos[0].item()  # positions are start..start+T-1, as generation makes them
+        k_cache, v_cache = self.kv_cache.update(start, k, v)
+        y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True)
+        return self.wo(y.view(B, -1, dim))
+
+
+class XnnpackRMSNorm(nn.Module):
+    """`RMSNorm` with its mean taken over the last two dims of a 4-D view, the only mean XNNPACK delegates."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.eps, self.weight = norm.eps, norm.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, _, dim = x.shape
+        x4 = x.float().view(B, -1, 1, dim)
+        normed = x4 * torch.rsqrt(x4.pow(2).mean((2, 3), keepdim=True) + self.eps)
+        return normed.view(B, -1, dim).type_as(x) * self.weight
+
+
+def with_executorch_modules(model: Transformer) -> Transformer:
+    """A copy of `model` (sharing its weights) whose attention, KV caches and norms are the modules above."""
+    import_executorch_ops()
+    copy_ = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+    for layer in copy_.layers:
+        layer.attention = CustomOpAttention(layer.attention, model.args)
+        layer.attention_norm, layer.ffn_norm = XnnpackRMSNorm(layer.attention_norm), XnnpackRMSNorm(layer.ffn_norm)
+    copy_.norm = XnnpackRMSNorm(copy_.norm)
+    return copy_
+
+
+def bytes_tensor(text: str) -> Tensor:
+    """Text as a uint8 tensor: a constant method returns tensors and numbers, not strings."""
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def pte_metadata(llm: LLM) -> dict:
+    """The constant methods: those ExecuTorch's text LLM runner reads, then llmkit's own.
+
+    The 1.5 runner requires get_max_seq_len (the most tokens one forward call takes) and reads
+    get_max_context_len, use_kv_cache, enable_dynamic_shape (prefill in one call rather than token by
+    token), use_sdpa_with_kv_cache and get_eos_ids; BOS and vocabulary size it takes from its tokenizer.
+    get_bos_id, get_vocab_size and get_n_layers are written as ExecuTorch's export_llm writes them.
+    """
+    args, tok = llm.model.args, llm.tokenizer
+    meta = {
+        "get_max_seq_len": llm.max_seq_len,
+        "get_max_context_len": llm.max_seq_len,
+        "get_vocab_size": args.vocab_size,
+        "get_n_layers": args.n_layers,
+        "get_eos_ids": tok.eos_ids,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "llmkit_format_version": PTE_FORMAT_VERSION,
+        "llmkit_metadata": bytes_tensor(json.dumps(runner_metadata(llm))),
+    }
+    if tok.bos_id is not None:
+        meta["get_bos_id"] = tok.bos_id
+    return meta
+
+
+def lower_to_executorch(llm: LLM):
+    """`llm`'s model (float or torchao-quantized) as an ExecuTorch program with XNNPACK delegates.
+
+    One graph, forward(tokens [1, T], input_pos [T]) -> logits [1, T, vocab] with 1 <= T < max_seq_len,
+    serves prefill and decode; the KV caches are mutable buffers that live in the loaded method.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    if llm.model is None:
+        raise LLMKitError(f"{llm.name} has no eager model to export (it came from a package); load the checkpoint")
+    if llm.device.type != "cpu":
+        raise LLMKitError(f"ExecuTorch's XNNPACK backend runs on the CPU, but {llm.name} is on {llm.device}; load it "
+                          "with --device cpu")  # fmt: skip
+    model = with_executorch_modules(llm.model)
+    seq = torch.export.Dim("seq", min=1, max=llm.max_seq_len - 1)
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
+    with torch.no_grad():
+        ep = torch.export.export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+    edge = to_edge_transform_and_lower(
+        ep.run_decompositions({}),  # functional cache updates, torchao tensors as quantize ops
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=pte_metadata(llm),
+    )
+    return edge.to_executorch(
+        ExecutorchBackendConfig(
+            do_quant_fusion_and_const_prop=True,  # quantized embeddings become ExecuTorch's embedding kernels
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),  # plan memory for the longest T, not the example
+        )
+    )
+
+
+def export_pte(llm: LLM, path: str | Path, force: bool = False) -> Path:
+    """Export `llm`'s model to an ExecuTorch `.pte` for the XNNPACK backend, written atomically.
+
+    Quantize the model with torchao first for a smaller, faster program (8da4w: int8 dynamic
+    activations, int4 grouped weights). The tokenizer file is copied beside it, as for `.pt2` packages.
+    """
+    path = check_output_path(path, force)
+    program = lower_to_executorch(llm)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pte", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            program.write_to_file(f)
+        tokenizer_beside(path, llm.tokenizer.path).write_bytes(llm.tokenizer.path.read_bytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def non_delegated_ops(program) -> Counter:
+    """How many times forward calls each operator outside a delegate (delegate calls counted by backend).
+
+    `program` is a `.pte` path or what `lower_to_executorch` returns. The count is read from the
+    program's instruction list, so it is what the runtime will execute, after every pass has run.
+    """
+    from executorch.exir.schema import DelegateCall, KernelCall
+
+    if isinstance(program, str | Path):
+        from executorch.exir._serialize._program import deserialize_pte_binary
+
+        program = deserialize_pte_binary(Path(program).read_bytes()).program
+    else:
+        program = program.executorch_program
+    plan = next(p for p in program.execution_plan if p.name == "forward")
+    ops = Counter()
+    for instruction in (i.instr_args for chain in plan.chains for i in chain.instructions):
+        if isinstance(instruction, KernelCall):
+            op = plan.operators[instruction.op_index]
+            ops[f"{op.name}.{op.overload}" if op.overload else op.name] += 1
+        elif isinstance(instruction, DelegateCall):
+            ops[f"delegate:{plan.delegates[instruction.delegate_index].id}"] += 1
+    return ops
+
+
+def check_pte(path: str | Path):
+    """Open a `.pte` with ExecuTorch's runtime and check it is a text LLM program: (program, metadata)."""
+    from executorch.runtime import Runtime
+
+    import_executorch_ops()
+    path = Path(path)
+    if not path.is_file():
+        raise LLMKitError(f"ExecuTorch program not found: {path}")
+    try:
+        program = Runtime.get().load_program(path)
+    except Exception as e:  # the runtime raises RuntimeError or ValueError with the loader's error code
+        raise LLMKitError(f"{path} is not an ExecuTorch program ({str(e).splitlines()[0][:120]}); "
+                          "export one with llmkit export --output-pte-path") from None  # fmt: skip
+    missing = [m for m in PTE_REQUIRED_METHODS if m not in program.method_names]
+    if missing:
+        raise LLMKitError(f"{path} has no {' or '.join(missing)} method: it is not a text LLM program; "
+                          "export it with llmkit export --output-pte-path")  # fmt: skip
+    meta = {name: program.load_method(name).execute([]) for name in program.method_names if name != "forward"}
+    return program, {name: value[0] if len(value) == 1 and name != "get_eos_ids" else value
+                     for name, value in meta.items()}  # fmt: skip
+
+
+def pte_tokenizer(path: Path, meta: dict, tokenizer: str | Path | None):
+    """The tokenizer for a program: the one given or the copy beside it, checked against the program."""
+    llmkit_meta = json.loads(bytes(meta["llmkit_metadata"].tolist())) if "llmkit_metadata" in meta else None
+    if llmkit_meta is None and tokenizer is None:
+        raise LLMKitError(f"{path} was not made by llmkit and names no tokenizer; pass --tokenizer-path")
+    if llmkit_meta is not None and meta.get("llmkit_format_version") != PTE_FORMAT_VERSION:
+        raise LLMKitError(
+            f"{path} was made by another llmkit (program format {meta.get('llmkit_format_version')}, this llmkit "
+            f"reads {PTE_FORMAT_VERSION}); export it again with this version"
+        )
+    tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, llmkit_meta["tokenizer_file"])
+    if not tok_path.is_file():
+        raise LLMKitError(f"the program's tokenizer {tok_path} is missing; pass --tokenizer-path to the original file")
+    tok = load_tokenizer(tok_path)
+    if tok.vocab_size > meta["get_vocab_size"]:
+        raise LLMKitError(
+            f"the tokenizer {tok_path} has {tok.vocab_size} tokens but {path} knows {meta['get_vocab_size']}: it is "
+            "not this program's tokenizer; pass the right --tokenizer-path"
+        )
+    if llmkit_meta is not None and sha256(tok_path) != llmkit_meta["tokenizer_sha256"]:
+        raise LLMKitError(f"{tok_path} is not the tokenizer {path} was exported with (checksum differs)")
+    return tok, llmkit_meta
+
+
+def load_pte(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
+    """Load a `.pte` as an `LLM` whose step runs the program in ExecuTorch's runtime (Python bindings).
+
+    Generation is `LLM.generate`, as for every other way to run the model: prefill, then one-token decode,
+    with the same sampling. Programs from ExecuTorch's export_llm load too (pass their tokenizer): they
+    take the start position alone and return the last position's logits, which the step adapts.
+    """
+    path = Path(path)
+    program, meta = check_pte(path)
+    tok, llmkit_meta = pte_tokenizer(path, meta, tokenizer)
+    method = program.load_method("forward")
+    start_only = tuple(method.metadata.input_tensor_meta(1).sizes()) == (1,)
+
+    def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
+        logits = method.execute([tokens, input_pos[:1] if start_only else input_pos])[0]
+        return logits if logits.dim() == 3 else logits.unsqueeze(1)
+
+    llm = LLM(None, tok, name=path.stem, step=step, max_seq_len=meta["get_max_seq_len"], device="cpu")
+    llm.metadata = llmkit_meta or {}
+    return llm
+
+
+def executorch_tokenizer(tok, folder: Path) -> Path:
+    """A tokenizer file ExecuTorch's C++ runner reads: the file itself, or for a llama2.c tokenizer.bin,
+    the same tokens behind ExecuTorch's llama2c header (vocab size, BOS, EOS, max token length)."""
+    if tok.kind != "llama2c":
+        return tok.path
+    data = tok.path.read_bytes()
+    out = folder / (tok.path.stem + ".executorch.bin")
+    out.write_bytes(struct.pack("<4i", tok.vocab_size, tok.bos_id, tok.eos_ids[0], tok.max_token_length) + data[4:])
+    return out
+
+
+@dataclass
+class RunnerGeneration:
+    text: str  # the new text, without the prompt
+    n_tokens: int  # new tokens, as the runner counts them
+    stats: Stats  # the runner's timings (milliseconds) in llmkit's form
+
+
+class TextRunner:
+    """ExecuTorch's own C++ text LLM runner (`TextLLMRunner`) on a `.pte`: what an app links, tokenizer included.
+
+    It reads the program's metadata methods, prefills the prompt in one call, decodes token by token and
+    samples in C++ (temperature only: 0 is greedy, there is no top-k/top-p or seed).
+    """
+
+    def __init__(self, path: str | Path, tokenizer: str | Path | None = None):
+        from executorch.extension.llm.runner import TextLLMRunner
+
+        self.path = Path(path)
+        _, meta = check_pte(self.path)
+        self.tokenizer, _ = pte_tokenizer(self.path, meta, tokenizer)
+        self.max_seq_len = meta["get_max_seq_len"]
+        self._tmp = tempfile.TemporaryDirectory(prefix="llmkit-runner-")
+        tok_file = executorch_tokenizer(self.tokenizer, Path(self._tmp.name))
+        try:
+            self.runner = TextLLMRunner(str(self.path), str(tok_file))
+        except RuntimeError as e:
+            raise LLMKitError(f"ExecuTorch's runner cannot load {self.path} with {tok_file} ({e})") from None
+
+    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0) -> RunnerGeneration:
+        from executorch.extension.llm.runner import GenerationConfig
+
+        if not prompt:
+            raise LLMKitError("ExecuTorch's runner needs a prompt of at least one character")
+        n_prompt = len(self.tokenizer.encode(prompt, bos=self.tokenizer.bos_id is not None))
+        if n_prompt >= self.max_seq_len:
+            raise LLMKitError(
+                f"the prompt is {n_prompt} tokens but the context holds {self.max_seq_len}; shorten the prompt"
+            )
+        pieces, stats = [], []
+        config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  num_bos=int(self.tokenizer.bos_id is not None))  # fmt: skip
+        self.runner.reset()  # start at position 0, as LLM.generate does
+        self.runner.generate(prompt, config, pieces.append, stats.append)
+        s = stats[0]
+        first, end = s.first_token_ms - s.inference_start_ms, s.inference_end_ms - s.first_token_ms
+        llm_stats = Stats(prompt_tokens=s.num_prompt_tokens, new_tokens=s.num_generated_tokens,
+                          time_to_first_token=first / 1000, decode_time=end / 1000)  # fmt: skip
+        return RunnerGeneration("".join(pieces), s.num_generated_tokens, llm_stats)
