@@ -95,6 +95,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from llmkit.bench import bench, table
+
+    if (args.checkpoint_path is None) == (args.shape is None):
+        raise LLMKitError("give one of --checkpoint-path P or --shape NAME")
+    rows = bench(args.checkpoint_path or args.shape, args.quantize or ["none"], args.path or ["eager"],
+                 args.device, args.dtype, args.prompt_len, args.new_tokens, args.repeats, args.out)  # fmt: skip
+    print(table(rows))
+    if args.out:
+        print(f"appended {len(rows)} results to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmkit", description="Learn and measure LLM inference in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-aoti-package-path", default=None, help="write an AOTInductor package here")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="measure decode speed against the memory-bandwidth limit")
+    p.add_argument("--checkpoint-path", default=None, help="a checkpoint, or 'default'")
+    p.add_argument("--shape", default=None, help="random weights of a known architecture, e.g. stories15M")
+    p.add_argument("--quantize", nargs="+", default=None, help="schemes to compare (none = unquantized)")
+    p.add_argument("--path", nargs="+", default=None, help="eager, compile, aoti and/or pte")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    p.set_defaults(func=cmd_bench)
 
     hub.register_cli(sub)
     chat.register_cli(sub)

@@ -1,0 +1,236 @@
+"""Benchmarks: how fast each path decodes, and how close that is to the memory-bandwidth limit.
+
+Decoding one token reads every weight once, so tokens/s x weight bytes is the bandwidth the
+decode achieves; the device's copy bandwidth, measured in the same run, is the limit it can
+approach. Results are JSON lines carrying the machine, versions and settings.
+"""
+
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmkit.errors import LLMKitError
+from llmkit.generate import LLM, resolve_device, resolve_dtype
+from llmkit.model import ModelArgs, Transformer
+
+# Architectures of well-known models, to measure speed with random weights and no download.
+SHAPES = {
+    "stories15M": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768),
+    "stories110M": ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048),
+    "llama-3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                              rope_theta=500000.0, tie_embeddings=True),  # fmt: skip
+    "llama-2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008),
+    "llama-3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                            rope_theta=500000.0),  # fmt: skip
+}
+PATHS = ("eager", "compile", "aoti", "pte")
+
+
+def shape_args(name: str, max_seq_len: int) -> ModelArgs:
+    if name not in SHAPES:
+        raise LLMKitError(f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}")
+    return ModelArgs(**{**SHAPES[name].to_dict(), "max_seq_len": max_seq_len})
+
+
+def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """A model of the given shape with small random weights, built directly on the device."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model = model.to(dtype).eval()
+    model.setup_buffers()
+    return model
+
+
+def memory_bandwidth(device: str | torch.device = "cpu", megabytes: int = 512, repeats: int = 5) -> float:
+    """The device's achievable memory bandwidth in bytes/s: a large copy (bytes read + written)."""
+    device = torch.device(device)
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / min(times[1:])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes the weights really occupy (quantized tensors counted by their inner data)."""
+    from llmkit.quantize import model_size
+
+    return model_size(model)
+
+
+@dataclass
+class Timing:
+    time_to_first_token: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+
+
+@torch.inference_mode()
+def time_generation(llm: LLM, prompt_len: int, new_tokens: int) -> Timing:
+    """Greedy prefill of a random prompt then `new_tokens` one-token decodes, timed with syncs."""
+    device = llm.device
+    prompt = torch.randint(0, 100, (1, prompt_len), device=device)
+    sync(device)
+    start = time.perf_counter()
+    logits = llm.step(prompt, torch.arange(prompt_len, device=device))
+    token = logits[0, -1].argmax().view(1, 1)
+    sync(device)
+    ttft = time.perf_counter() - start
+    for pos in range(prompt_len, prompt_len + new_tokens):
+        logits = llm.step(token, torch.tensor([pos], device=device))
+        token = logits[0, -1].argmax().view(1, 1)
+    sync(device)
+    decode = time.perf_counter() - start - ttft
+    return Timing(ttft, prompt_len / ttft, new_tokens / decode)
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak resident set
+
+
+def environment(device: torch.device) -> dict:
+    env = {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
+           "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    try:
+        import torchao
+
+        env["torchao"] = torchao.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def prepare(model: Transformer, tokenizer, scheme: str, path: str, workdir: Path) -> LLM:
+    """An LLM on the requested path, quantized with the scheme first."""
+    llm = LLM(model, tokenizer, name="bench")
+    if scheme != "none":
+        from llmkit.quantize import quantize
+
+        quantize(llm, scheme)
+    if path == "compile":
+        from llmkit.compile import compile
+
+        compile(llm)
+    elif path == "aoti":
+        from llmkit.export import export_aoti, load_aoti
+
+        package = export_aoti(llm, workdir / f"{scheme}.pt2", force=True)
+        llm = load_aoti(package)
+    elif path == "pte":
+        from llmkit.export import export_pte, load_pte
+
+        program = export_pte(llm, workdir / f"{scheme}.pte", force=True)
+        llm = load_pte(program)
+    elif path != "eager":
+        raise LLMKitError(f"unknown path {path!r}; use one of {', '.join(PATHS)}")
+    return llm
+
+
+def build_model(source: str, device: torch.device, dtype: torch.dtype, max_seq_len: int):
+    """(model, tokenizer) from a shape name (random weights) or a checkpoint path."""
+    if source in SHAPES or not Path(source).exists() and source != "default":
+        return random_model(shape_args(source, max_seq_len), device, dtype), None
+    from llmkit.generate import load
+
+    llm = load(source, device=device.type, dtype=str(dtype).removeprefix("torch."), max_seq_len=max_seq_len)
+    return llm.model, llm.tokenizer
+
+
+def bench(
+    source: str,
+    schemes: list[str] = ("none",),
+    paths: list[str] = ("eager",),
+    device: str = "cpu",
+    dtype: str = "float32",
+    prompt_len: int = 64,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    out: str | Path | None = None,
+    workdir: str | Path = "results/artifacts",
+) -> list[dict]:
+    """Measure every (scheme, path) on `source`, a shape name or a checkpoint; append JSON lines to `out`."""
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    if not schemes or not paths:
+        raise LLMKitError("nothing to measure: give at least one scheme and one path")
+    for p in paths:
+        if p not in PATHS:
+            raise LLMKitError(f"unknown path {p!r}; use one of {', '.join(PATHS)}")
+    if source in SHAPES or not Path(source).exists():
+        shape_args(source, 8)  # an unknown shape fails here, before any work
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    max_seq_len = prompt_len + new_tokens + 1
+    bandwidth = memory_bandwidth(torch_device)
+    env = environment(torch_device)
+    rows = []
+    combos = [(s, p) for s in schemes for p in paths]
+    for scheme, path in tqdm(combos, desc="bench", unit="run"):
+        model, tokenizer = build_model(source, torch_device, torch_dtype, max_seq_len)
+        if torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        llm = prepare(model, tokenizer, scheme, path, workdir)
+        nbytes = weight_bytes(model)
+        time_generation(llm, min(prompt_len, 8), 8)  # warm-up: compiled kernels, caches, CUDA graphs
+        timings = [time_generation(llm, prompt_len, new_tokens) for _ in range(repeats)]
+        decode = [t.decode_tokens_per_s for t in timings]
+        row = {
+            "source": source, "scheme": scheme, "path": path, "device": torch_device.type, "dtype": dtype,
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+            "decode_tokens_per_s": statistics.median(decode),
+            "decode_tokens_per_s_stdev": statistics.stdev(decode) if repeats > 1 else 0.0,
+            "prefill_tokens_per_s": statistics.median(t.prefill_tokens_per_s for t in timings),
+            "time_to_first_token_s": statistics.median(t.time_to_first_token for t in timings),
+            "weight_bytes": nbytes, "peak_memory_bytes": peak_memory(torch_device),
+            "achieved_bandwidth": nbytes * statistics.median(decode), "device_bandwidth": bandwidth,
+            **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }  # fmt: skip
+        row["bandwidth_fraction"] = row["achieved_bandwidth"] / bandwidth
+        rows.append(row)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del llm, model
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the figures that matter."""
+    lines = [
+        "| source | scheme | path | decode tok/s (± sd) | prefill tok/s | TTFT ms | weights MB | % of bandwidth |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['source']} | {r['scheme']} | {r['path']} | {r['decode_tokens_per_s']:.1f} "
+            f"(± {r['decode_tokens_per_s_stdev']:.1f}) | {r['prefill_tokens_per_s']:.0f} | "
+            f"{r['time_to_first_token_s'] * 1000:.1f} | {r['weight_bytes'] / 1e6:.1f} | "
+            f"{100 * r['bandwidth_fraction']:.0f}% |"
+        )
+    return "\n".join(lines)
