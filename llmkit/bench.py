@@ -153,9 +153,14 @@ def prepare(model: Transformer, tokenizer, scheme: str, path: str, workdir: Path
     return llm
 
 
+def is_shape(source: str) -> bool:
+    """A source that is neither "default" nor an existing path names a shape (or is a typo of one)."""
+    return source in SHAPES or (source != "default" and not Path(source).exists())
+
+
 def build_model(source: str, device: torch.device, dtype: torch.dtype, max_seq_len: int):
     """(model, tokenizer) from a shape name (random weights) or a checkpoint path."""
-    if source in SHAPES or not Path(source).exists() and source != "default":
+    if is_shape(source):
         return random_model(shape_args(source, max_seq_len), device, dtype), None
     from llmkit.generate import load
 
@@ -182,7 +187,7 @@ def bench(
     for p in paths:
         if p not in PATHS:
             raise LLMKitError(f"unknown path {p!r}; use one of {', '.join(PATHS)}")
-    if source in SHAPES or not Path(source).exists():
+    if is_shape(source):
         shape_args(source, 8)  # an unknown shape fails here, before any work
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"appended {len(rows)} results to {args.out}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from llmkit.sweep import run_sweep
+
+    out = run_sweep(args.sweep_file, args.results_dir)
+    print((out / "summary.md").read_text())
+    print(f"results in {out}/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmkit", description="Learn and measure LLM inference in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="append results as JSON lines to this file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="run a notebook with papermill over a grid of parameters")
+    p.add_argument("sweep_file", help="YAML: name, notebook, parameters, grid")
+    p.add_argument("--results-dir", default="results")
+    p.set_defaults(func=cmd_sweep)
 
     hub.register_cli(sub)
     chat.register_cli(sub)

@@ -1,0 +1,103 @@
+"""Experiment sweeps: run a parameterized notebook with papermill over a grid, then collect.
+
+A sweep file (YAML) names the notebook, fixed parameters and a grid:
+
+    name: ci
+    notebook: notebooks/08_benchmarks.ipynb
+    parameters: {source: default, repeats: 2}
+    grid:
+      schemes: [[none], [int8wo]]
+      paths: [[eager, compile]]
+
+Each grid point runs the notebook once, writing the executed notebook and its JSON-lines results
+under `results/<name>/`; a failed run is recorded and the sweep goes on. The results are collected
+into `summary.md` and charts.
+"""
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from llmkit.errors import LLMKitError
+
+
+def read_sweep(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LLMKitError(f"sweep file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LLMKitError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    for key in ("name", "notebook", "grid"):
+        if key not in spec:
+            raise LLMKitError(f"{path} has no '{key}'; a sweep names its notebook, its grid and its name")
+    if not isinstance(spec["grid"], dict) or not spec["grid"] or not all(spec["grid"].values()):
+        raise LLMKitError(f"{path}: the grid is empty, so there is nothing to run; give each key a list of values")
+    return spec
+
+
+def grid_points(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_name(point: dict) -> str:
+    text = "_".join(f"{k}-{'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in point.items())
+    return re.sub(r"[^A-Za-z0-9_.+-]", "", text)
+
+
+def run_sweep(path: str | Path, results_dir: str | Path = "results") -> Path:
+    """Run every grid point; return the sweep's folder, which holds summary.md."""
+    import papermill
+
+    spec = read_sweep(path)
+    out_dir = Path(results_dir) / spec["name"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for point in grid_points(spec["grid"]):
+        name = run_name(point)
+        results = (out_dir / f"{name}.jsonl").resolve()
+        results.unlink(missing_ok=True)
+        params = {**spec.get("parameters", {}), **point, "out": str(results)}
+        try:
+            papermill.execute_notebook(spec["notebook"], str(out_dir / f"{name}.ipynb"), parameters=params,
+                                       progress_bar=False, cwd=str(Path(spec["notebook"]).parent))  # fmt: skip
+            runs.append({"run": name, "status": "ok"})
+        except Exception as e:  # papermill raises its own error for a failed cell, others for a bad kernel
+            runs.append({"run": name, "status": "failed", "error": str(e).strip().splitlines()[-1][:200]})
+        (out_dir / "runs.json").write_text(json.dumps(runs, indent=2))
+    summarize(out_dir, runs)
+    return out_dir
+
+
+def summarize(out_dir: Path, runs: list[dict]) -> None:
+    """summary.md (the runs, then one table of every result) and a roofline chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmkit.bench import table
+    from llmkit.plots import roofline
+
+    rows = [json.loads(line) for f in sorted(out_dir.glob("*.jsonl")) for line in f.read_text().splitlines() if line]
+    lines = [f"# Sweep {out_dir.name}", "", "| run | status |", "| --- | --- |"]
+    lines += [f"| {r['run']} | {r['status']}{': ' + r['error'] if r.get('error') else ''} |" for r in runs]
+    lines += ["", table(rows) if rows else "No results: every run failed.", ""]
+    if rows:
+        ax = roofline(rows, title=f"Sweep {out_dir.name}")
+        ax.figure.savefig(out_dir / "roofline.png", dpi=120, bbox_inches="tight")
+        plt.close(ax.figure)
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
+        labels = [f"{r['source']} {r['scheme']}/{r['path']}" for r in rows]
+        ax.barh(labels, [r["decode_tokens_per_s"] for r in rows],
+                xerr=[r["decode_tokens_per_s_stdev"] for r in rows])  # fmt: skip
+        ax.set(xlabel="decode tokens/s", title=f"Sweep {out_dir.name}")
+        fig.savefig(out_dir / "decode.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        lines += ["![roofline](roofline.png)", "", "![decode tokens/s](decode.png)"]
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
