@@ -1,0 +1,396 @@
+"""Quantize a whole model with torchao, in torchchat's scheme language, and count what it really weighs.
+
+A scheme is a preset name (`int8wo`, `int4wo-32`, `mobile`...), torchchat's JSON
+(`'{"embedding": {"bitwidth": 4, "groupsize": 32}, "linear:a8w4dq": {"groupsize": 256}}'`) or the path
+of a file holding such JSON. Each JSON key becomes one torchao config, chosen for the device, because
+the same scheme needs different kernels (and so tensor layouts) on a CPU and on a GPU:
+
+| key | cpu | cuda |
+| --- | --- | --- |
+| precision | `model.to(dtype)` | `model.to(dtype)` |
+| embedding | `IntxWeightOnlyConfig(int<b>, PerGroup(g) or PerAxis(0))` | same |
+| linear:int8 | `Int8WeightOnlyConfig(PerRow() or PerGroup(g))` | same |
+| linear:a8w8dq | `Int8DynamicActivationInt8WeightConfig()` | same |
+| linear:int4 | `PrototypeInt4WeightOnlyConfig(g)`, g 32/64/128 | `Int4WeightOnlyConfig(g, "tile_packed_to_4d")`, bf16 |
+| linear:a8w4dq | `Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g))` | same |
+| linear:fp8 | `Float8WeightOnlyConfig()` | same |
+| linear:mxfp4 | `MXDynamicActivationMXWeightConfig(fp4, fp4, EMULATED)`, bf16 | same |
+| linear:nvfp4 | `NVFP4WeightOnlyConfig()` | same |
+
+Steps run in the order precision, embedding, linear, whatever the order of the JSON. A group size of 0
+means one group per row (per channel), where the config has that granularity.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from llmkit.errors import LLMKitError
+from llmkit.generate import DTYPES, LLM, resolve_device
+from llmkit.model import ModelArgs, Transformer
+
+PRESETS = {
+    "int8wo": {"linear:int8": {"groupsize": 0}},
+    "int8dq": {"linear:a8w8dq": {}},
+    "int4wo-<g>": {"linear:int4": {"groupsize": "<g>"}},
+    "8da4w-<g>": {"linear:a8w4dq": {"groupsize": "<g>"}},
+    "fp8wo": {"linear:fp8": {}},
+    "mxfp4": {"precision": {"dtype": "bfloat16"}, "linear:mxfp4": {}},
+    "nvfp4": {"linear:nvfp4": {}},
+    "mobile": {"embedding": {"bitwidth": 4, "groupsize": 32}, "linear:a8w4dq": {"groupsize": 256}},  # torchchat's
+    "cuda": {"precision": {"dtype": "bfloat16"}, "linear:int4": {"groupsize": 256}},  # torchchat's cuda.json
+}
+
+# key -> {parameter: default (None: required)}, in the order the steps run
+KEYS = {
+    "precision": {"dtype": None},
+    "embedding": {"bitwidth": None, "groupsize": 0},
+    "linear:int8": {"groupsize": 0},
+    "linear:a8w8dq": {},
+    "linear:int4": {"groupsize": None},
+    "linear:a8w4dq": {"groupsize": None},
+    "linear:fp8": {},
+    "linear:mxfp4": {},
+    "linear:nvfp4": {},
+}
+CPU_INT4_GROUPS = (32, 64, 128)  # the CPU int4 kernel (tinygemm for CPU)
+CUDA_INT4_GROUPS = (32, 64, 128, 256)
+SAVED_NAME = "quantized.pt"
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "generation_config.json")  # special tokens, chat template
+SAVED_FORMAT = "llmkit.quantized/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One key of a scheme with its parameters, defaults filled in."""
+
+    key: str
+    params: dict = dataclasses.field(default_factory=dict)
+
+
+def _preset(name: str) -> dict | None:
+    if name in PRESETS and "<g>" not in name:
+        return PRESETS[name]
+    m = re.fullmatch(r"(int4wo|8da4w)-(\d+)", name)
+    if m is None:
+        return None
+    (key,) = PRESETS[f"{m[1]}-<g>"]
+    return {key: {"groupsize": int(m[2])}}
+
+
+def _read_scheme(text: str) -> dict:
+    if text.lstrip().startswith("{"):
+        try:
+            scheme = json.loads(text)
+        except json.JSONDecodeError as e:
+            example = '{"linear:int8": {"groupsize": 0}}'
+            raise LLMKitError(
+                f"scheme {text!r} is not valid JSON ({e}); write e.g. '{example}' or use a preset"
+            ) from None
+        if not isinstance(scheme, dict):
+            raise LLMKitError(f'scheme {text!r} must be a JSON object of keys like "linear:int4"')
+        return scheme
+    preset = _preset(text)
+    if preset is not None:
+        return preset
+    if Path(text).expanduser().is_file():
+        return _read_scheme(Path(text).expanduser().read_text(encoding="utf-8"))
+    names = ", ".join(PRESETS)
+    raise LLMKitError(f"unknown scheme {text!r}: use a preset ({names}), torchchat JSON or a JSON file's path")
+
+
+def parse_scheme(text: str | Path) -> list[Step]:
+    """A preset, JSON or JSON file as the steps to run, checked for everything that needs no model."""
+    text = str(text)
+    scheme = _read_scheme(text)
+    steps = []
+    for key, params in scheme.items():
+        if key not in KEYS:
+            raise LLMKitError(f"scheme {text!r}: unknown key {key!r}; known keys are {', '.join(KEYS)}")
+        if not isinstance(params, dict):
+            raise LLMKitError(f"scheme {text!r}: {key} takes an object of parameters, not {params!r}")
+        unknown = set(params) - set(KEYS[key])
+        if unknown:
+            allowed = ", ".join(KEYS[key]) or "no parameters"
+            raise LLMKitError(f"scheme {text!r}: {key} has no parameter {sorted(unknown)[0]!r}; it takes {allowed}")
+        missing = [p for p, default in KEYS[key].items() if default is None and p not in params]
+        if missing:
+            raise LLMKitError(f"scheme {text!r}: {key} needs {missing[0]!r}")
+        steps.append(Step(key, {**KEYS[key], **params}))
+    for step in steps:
+        _check_params(text, step)
+    linear = [s.key for s in steps if s.key.startswith("linear:")]
+    if len(linear) > 1:
+        raise LLMKitError(f"scheme {text!r}: {' and '.join(linear)} both quantize the linear layers; keep one")
+    if not steps:
+        raise LLMKitError(f'scheme {text!r} is empty; give at least one key, e.g. "linear:int8"')
+    return sorted(steps, key=lambda s: list(KEYS).index(s.key))
+
+
+def _check_params(text: str, step: Step) -> None:
+    p = step.params
+    if "dtype" in p and p["dtype"] not in DTYPES:
+        raise LLMKitError(f"scheme {text!r}: unknown dtype {p['dtype']!r}; use one of {', '.join(DTYPES)}")
+    if "bitwidth" in p and (type(p["bitwidth"]) is not int or not 1 <= p["bitwidth"] <= 8):
+        raise LLMKitError(f"scheme {text!r}: embedding bitwidth {p['bitwidth']!r} is not supported; use 1 to 8")
+    if "groupsize" in p:
+        g = p["groupsize"]
+        per_row = step.key in ("embedding", "linear:int8")
+        if type(g) is not int or g < 0 or (g == 0 and not per_row):
+            use = "0 (one group per row) or a positive integer" if per_row else "a positive integer such as 32"
+            raise LLMKitError(f"scheme {text!r}: {step.key} groupsize {g!r} is not valid; use {use}")
+
+
+def scheme_text(steps: list[Step]) -> str:
+    """The steps as one line of torchchat JSON: how a quantized model records what was done to it."""
+    return json.dumps({s.key: s.params for s in steps})
+
+
+# ---- applying --------------------------------------------------------------------------------
+
+
+def _config(step: Step, device: torch.device, dtype: torch.dtype, scheme: str):
+    """The torchao config that runs `step` on `device`; LLMKitError with the alternative where none does."""
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        PerAxis,
+        PerGroup,
+        PerRow,
+    )
+
+    key, g = step.key, step.params.get("groupsize")
+    cuda = device.type == "cuda"
+    if key == "embedding":
+        bits = getattr(torch, f"int{step.params['bitwidth']}")
+        return IntxWeightOnlyConfig(weight_dtype=bits, granularity=PerGroup(g) if g else PerAxis(0))
+    if key == "linear:int8":
+        return Int8WeightOnlyConfig(granularity=PerGroup(g) if g else PerRow())
+    if key == "linear:a8w8dq":
+        return Int8DynamicActivationInt8WeightConfig()
+    if key == "linear:a8w4dq":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(g))
+    if key == "linear:fp8":
+        return Float8WeightOnlyConfig()
+    if key == "linear:int4":
+        groups = CUDA_INT4_GROUPS if cuda else CPU_INT4_GROUPS
+        if g not in groups:
+            fits = max((x for x in groups if x <= g), default=groups[0])
+            raise LLMKitError(
+                f"scheme {scheme!r}: int4 group size {g} does not run on {device.type} (its kernel takes "
+                f"{', '.join(map(str, groups))}); use int4wo-{fits}, or 8da4w-{g} for any group size"
+            )
+        if cuda:
+            if dtype != torch.bfloat16:
+                raise LLMKitError(
+                    f'scheme {scheme!r}: int4 on cuda runs on a bfloat16 model; add "precision": '
+                    '{"dtype": "bfloat16"} or use the preset cuda'
+                )
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            return Int4WeightOnlyConfig(group_size=g, int4_packing_format="tile_packed_to_4d")
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        return PrototypeInt4WeightOnlyConfig(group_size=g)
+    if key == "linear:mxfp4":
+        if dtype != torch.bfloat16:
+            raise LLMKitError(
+                f'scheme {scheme!r}: MX formats run on a bfloat16 model; add "precision": '
+                '{"dtype": "bfloat16"} or use the preset mxfp4'
+            )
+        from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig
+        from torchao.quantization.quantize_.common import KernelPreference
+
+        fp4 = torch.float4_e2m1fn_x2
+        return MXDynamicActivationMXWeightConfig(
+            activation_dtype=fp4, weight_dtype=fp4, kernel_preference=KernelPreference.EMULATED
+        )
+    if key == "linear:nvfp4":
+        from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
+
+        return NVFP4WeightOnlyConfig()
+    raise AssertionError(key)
+
+
+def _block(step: Step) -> tuple[int, int]:
+    """(rows, columns) that each weight's shape must be a multiple of: the quantization block."""
+    g = step.params.get("groupsize") or 1
+    return {"linear:mxfp4": (1, 32), "linear:nvfp4": (16, 16)}.get(step.key, (1, g))
+
+
+def _check_shapes(modules: dict[str, nn.Module], step: Step, scheme: str) -> None:
+    rows, cols = _block(step)
+    for name, module in modules.items():
+        out_features, in_features = module.weight.shape
+        if in_features % cols == 0 and out_features % rows == 0:
+            continue
+        if rows == 1 and "groupsize" in step.params:
+            common = math.gcd(*(m.weight.shape[1] for m in modules.values()))
+            raise LLMKitError(
+                f"scheme {scheme!r}: group size {cols} does not divide the {in_features} input features of {name}; "
+                f"use a group size that divides {common}"
+            )
+        raise LLMKitError(
+            f"scheme {scheme!r}: {name} is {out_features}x{in_features} but {step.key} needs multiples of "
+            f"{rows}x{cols}; use int8wo or fp8wo for this model"
+        )
+
+
+def _untie(model: Transformer) -> None:
+    """Give the output layer its own copy of the embedding matrix, so quantizing one leaves the other alone."""
+    if model.output.weight is model.tok_embeddings.weight:
+        model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach().clone(), requires_grad=False)
+        model.args = dataclasses.replace(model.args, tie_embeddings=False)  # args may be shared with other models
+
+
+def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
+    """Quantize `llm`'s model in place with torchao and return it, the scheme recorded in `llm.scheme`.
+
+    Precision runs first, then the embedding, then every `nn.Linear` (the output layer included).
+    A model whose output layer shares the embedding matrix (tied) is untied first when either is
+    quantized: the two are used differently (a row lookup and a matrix product), get different
+    configs, and quantizing the shared tensor for one would silently change the other. The cost is
+    a second copy, which `model_size` counts. The compiled or exported step of `llm`, if any, is
+    dropped: compile again after quantizing.
+    """
+    from torchao.quantization import quantize_
+
+    model = llm.model
+    if model is None:
+        raise LLMKitError(f"{llm.name} has no eager model to quantize (it was exported); load the checkpoint")
+    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
+        scheme_done = getattr(llm, "scheme", None)
+        raise LLMKitError(f"{llm.name} is already quantized ({scheme_done}); load the float model and quantize that")
+    steps = parse_scheme(scheme)
+    text = str(scheme)
+    target = resolve_device(device) if device is not None else llm.device
+    dtype = model.tok_embeddings.weight.dtype
+    for step in steps:  # everything that can fail, before the model changes
+        if step.key == "precision":
+            dtype = DTYPES[step.params["dtype"]]
+            continue
+        kind = nn.Embedding if step.key == "embedding" else nn.Linear
+        _check_shapes({n: m for n, m in model.named_modules() if isinstance(m, kind)}, step, text)
+        _config(step, target, dtype, text)
+    old = (llm.device, model.tok_embeddings.weight.dtype)
+    model.to(device=target, dtype=dtype)
+    for step in steps:
+        if step.key == "precision":
+            continue
+        _untie(model)
+        kind = nn.Embedding if step.key == "embedding" else nn.Linear
+        quantize_(model, _config(step, target, dtype, text), filter_fn=lambda m, _, kind=kind: isinstance(m, kind))
+    if (target, dtype) != old:
+        model.setup_buffers()
+    llm.device, llm.step, llm.scheme = target, model, scheme_text(steps)
+    return llm
+
+
+# ---- measuring and saving --------------------------------------------------------------------
+
+
+def _storages(t: Tensor) -> Iterator[torch.UntypedStorage]:
+    """The storages that hold a tensor's data: its own, or a torchao tensor's inner tensors', recursively."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _storages(getattr(t, name))
+    else:
+        yield t.untyped_storage()
+
+
+def model_size(llm_or_model: LLM | nn.Module) -> int:
+    """Bytes the weights occupy: every storage behind the parameters, each counted once.
+
+    A quantized tensor's own `numel() * element_size()` is its float size, so its inner tensors
+    (data, scales, zero points) are counted instead. Buffers (KV cache, RoPE tables, mask) are not weights.
+    """
+    model = llm_or_model.model if isinstance(llm_or_model, LLM) else llm_or_model
+    seen = {}
+    for p in model.parameters():
+        for s in _storages(p):
+            seen[(s.data_ptr(), s.device)] = s.nbytes()
+    return sum(seen.values())
+
+
+def save(llm: LLM, out_dir: str | Path, force: bool = False) -> Path:
+    """Write `out_dir/quantized.pt` (weights, model args, scheme) and the tokenizer's files, atomically.
+
+    torch.save of the state dict, not safetensors: torchao's tensors pickle as their inner tensors
+    plus a few attributes (block size, dtypes) and load back with `weights_only=True`, so no code
+    runs on load; safetensors would need an encoding of each tensor type's attributes of our own.
+    The file is `model_size` plus the zip container's few hundred bytes per inner tensor.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise LLMKitError(f"{out_dir} already exists; choose another folder or pass force=True")
+    if not out_dir.parent.is_dir():
+        raise LLMKitError(f"folder {out_dir.parent} does not exist; create it first")
+    if llm.model is None:
+        raise LLMKitError(f"{llm.name} has no eager model to save (it was exported); save before exporting")
+    payload = {
+        "format": SAVED_FORMAT,
+        "args": llm.model.args.to_dict(),
+        "scheme": getattr(llm, "scheme", None),
+        "state_dict": llm.model.state_dict(),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        torch.save(payload, tmp / SAVED_NAME)
+        tokenizer = Path(llm.tokenizer.path)
+        for source in [tokenizer, *(tokenizer.parent / name for name in TOKENIZER_CONFIGS)]:
+            if source.is_file():
+                shutil.copy(source, tmp / source.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_quantized(path: str | Path, device: str = "cpu") -> LLM:
+    """Load what `save` wrote (the folder or its quantized.pt) as an LLM with the same scheme."""
+    from llmkit.tokenizer import find_tokenizer, load_tokenizer
+
+    path, target = Path(path), resolve_device(device)
+    folder = path if path.is_dir() else path.parent
+    file = folder / SAVED_NAME
+    if not file.is_file():
+        raise LLMKitError(f"{folder} holds no {SAVED_NAME}; give a folder written by llmkit.quantize.save")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip or pickle raises many types
+        raise LLMKitError(f"{file}: cannot read it ({str(e).splitlines()[0][:160]}); save the model again") from None
+    if not isinstance(payload, dict) or payload.get("format") != SAVED_FORMAT:
+        raise LLMKitError(f"{file} is not an llmkit quantized model ({SAVED_FORMAT}); save it with llmkit.quantize")
+    args, state = ModelArgs(**payload["args"]), payload["state_dict"]
+    with torch.device("meta"):
+        model = Transformer(args)
+    if set(state) != set(model.state_dict()):
+        raise LLMKitError(f"{file}: its weights do not fit the model its args describe; save the model again")
+    for name, tensor in state.items():  # loaded on the CPU, then moved: torchao tensors unpickle badly on "cuda"
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, nn.Parameter(tensor.to(target), requires_grad=False))
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.setup_buffers()
+    tokenizer = find_tokenizer(folder)
+    if tokenizer is None:
+        raise LLMKitError(f"no tokenizer beside {file}; copy the model's tokenizer file into {folder}")
+    llm = LLM(model.eval(), load_tokenizer(tokenizer), name=folder.name)
+    llm.scheme = payload["scheme"]
+    return llm
