@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= The built-in function
 
-.PHONY: demo test test-unit test-notebooks lint lab default-model runner clean
+.PHONY: demo test test-unit test-notebooks lint lab default-model runner book test-browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,12 +19,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test-unit: $(STAMP) runner
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests --ignore=tests/browser
 
 test-notebooks: $(STAMP)
 	$(VENV)/bin/pytest --nbval-lax notebooks/
 
-test: lint test-unit test-notebooks
+# the browser checks run where Chromium is installed, and always in CI
+test: lint test-unit test-notebooks $(if $(or $(CI),$(wildcard /usr/bin/chromium)),test-browser)
+
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build -W --keep-going -n book/
+	$(PY) book/check_links.py book/_build/html
+
+test-browser: $(STAMP) book
+	$(VENV)/bin/pytest tests/browser
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -79,6 +79,17 @@ def weight_bytes(model: Transformer) -> int:
     return model_size(model)
 
 
+def bytes_read_per_token(model: Transformer, nbytes: int) -> int:
+    """What one decode step reads: every weight but an untied embedding table (one row of it is read),
+    plus the whole KV cache, which attention reads at every step."""
+    if not model.args.tie_embeddings:
+        from llmkit.quantize import model_size
+
+        nbytes -= model_size(model.tok_embeddings)
+    caches = [layer.attention.kv_cache for layer in model.layers]
+    return nbytes + sum(c.k_cache.nbytes + c.v_cache.nbytes for c in caches)
+
+
 @dataclass
 class Timing:
     time_to_first_token: float
@@ -202,6 +213,7 @@ def bench(
             torch.cuda.reset_peak_memory_stats()
         llm = prepare(model, tokenizer, scheme, path, workdir)
         nbytes = weight_bytes(model)
+        read_per_token = bytes_read_per_token(model, nbytes)
         time_generation(llm, min(prompt_len, 8), 8)  # warm-up: compiled kernels, caches, CUDA graphs
         timings = [time_generation(llm, prompt_len, new_tokens) for _ in range(repeats)]
         decode = [t.decode_tokens_per_s for t in timings]
@@ -212,8 +224,9 @@ def bench(
             "decode_tokens_per_s_stdev": statistics.stdev(decode) if repeats > 1 else 0.0,
             "prefill_tokens_per_s": statistics.median(t.prefill_tokens_per_s for t in timings),
             "time_to_first_token_s": statistics.median(t.time_to_first_token for t in timings),
-            "weight_bytes": nbytes, "peak_memory_bytes": peak_memory(torch_device),
-            "achieved_bandwidth": nbytes * statistics.median(decode), "device_bandwidth": bandwidth,
+            "weight_bytes": nbytes, "bytes_read_per_token": read_per_token,
+            "peak_memory_bytes": peak_memory(torch_device),
+            "achieved_bandwidth": read_per_token * statistics.median(decode), "device_bandwidth": bandwidth,
             **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip
         row["bandwidth_fraction"] = row["achieved_bandwidth"] / bandwidth
