@@ -17,6 +17,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--max-seq-len", type=int, default=2048, help="cap on the context length (KV cache size)")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="a preset (int8wo, int4wo-32, 8da4w-256, mobile...), torchchat JSON or JSON file")  # fmt: skip
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,9 +37,17 @@ def load_from_args(args: argparse.Namespace):
             raise LLMKitError("give --model or --checkpoint-path, not both")
         files = hub.resolve(args.model)
         checkpoint, tokenizer = files.checkpoint, tokenizer or files.tokenizer
+    if args.quantize:
+        from llmkit.quantize import parse_scheme
+
+        parse_scheme(args.quantize)  # a malformed scheme fails before the model loads
     llm = load(checkpoint, tokenizer, args.device, args.dtype, args.max_seq_len)
     if args.model:
         llm.name = args.model  # a Hub snapshot folder is named by its commit hash
+    if args.quantize:
+        from llmkit.quantize import quantize
+
+        quantize(llm, args.quantize)
     return llm
 
 

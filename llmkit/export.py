@@ -12,21 +12,27 @@ import copy
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmkit import __version__
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM, Stats
 from llmkit.model import Attention, ModelArgs, RMSNorm, Transformer
-from llmkit.tokenizer import load_tokenizer
+from llmkit.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from executorch.exir import ExecutorchProgramManager
+    from executorch.runtime import Program
 
 FORMAT_VERSION = "1"  # bump when the package layout or metadata changes
 
@@ -58,7 +64,7 @@ def runner_metadata(llm: LLM) -> dict[str, str]:
     tok = llm.tokenizer
     meta = {
         "llmkit_format": FORMAT_VERSION,
-        "llmkit_version": version("llmkit"),
+        "llmkit_version": __version__,
         "torch_version": torch.__version__,
         "device": llm.device.type,
         "model_args": json.dumps(llm.model.args.to_dict()),
@@ -180,12 +186,13 @@ class CustomOpAttention(nn.Module):
         self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
         self.kv_cache = CustomKVCache(args, attention.kv_cache.k_cache.dtype)
         half, eye = self.head_dim // 2, torch.eye(self.head_dim // 2)
-        rotate = torch.zeros(self.head_dim, self.head_dim)
+        rotate = torch.zeros(self.head_dim, self.head_dim)  # float32, as model.apply_rope computes
         rotate[:half, half:], rotate[half:, :half] = -eye, eye  # x -> cat(-x2, x1), as model.rotate_half
         self.register_buffer("rotate", rotate, persistent=False)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return x * cos + F.linear(x, self.rotate) * sin
+        x32 = x.float()
+        return (x32 * cos + F.linear(x32, self.rotate) * sin).type_as(x)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor) -> Tensor:
         B, _, dim = x.shape
@@ -221,6 +228,8 @@ def with_executorch_modules(model: Transformer) -> Transformer:
         layer.attention = CustomOpAttention(layer.attention, model.args)
         layer.attention_norm, layer.ffn_norm = XnnpackRMSNorm(layer.attention_norm), XnnpackRMSNorm(layer.ffn_norm)
     copy_.norm = XnnpackRMSNorm(copy_.norm)
+    if copy_.output.weight is copy_.tok_embeddings.weight:  # a constant shared with the embedding's kernel
+        copy_.output.weight = nn.Parameter(copy_.output.weight.detach(), requires_grad=False)  # would split a delegate
     return copy_
 
 
@@ -236,6 +245,7 @@ def pte_metadata(llm: LLM) -> dict:
     get_max_context_len, use_kv_cache, enable_dynamic_shape (prefill in one call rather than token by
     token), use_sdpa_with_kv_cache and get_eos_ids; BOS and vocabulary size it takes from its tokenizer.
     get_bos_id, get_vocab_size and get_n_layers are written as ExecuTorch's export_llm writes them.
+    A model benchmarked with random weights has no tokenizer, and so no BOS or EOS.
     """
     args, tok = llm.model.args, llm.tokenizer
     meta = {
@@ -243,19 +253,20 @@ def pte_metadata(llm: LLM) -> dict:
         "get_max_context_len": llm.max_seq_len,
         "get_vocab_size": args.vocab_size,
         "get_n_layers": args.n_layers,
-        "get_eos_ids": tok.eos_ids,
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": True,
         "enable_dynamic_shape": True,
         "llmkit_format_version": PTE_FORMAT_VERSION,
-        "llmkit_metadata": bytes_tensor(json.dumps(runner_metadata(llm))),
+        "llmkit_metadata": bytes_tensor(json.dumps({**runner_metadata(llm), "llmkit_format": str(PTE_FORMAT_VERSION)})),
     }
-    if tok.bos_id is not None:
-        meta["get_bos_id"] = tok.bos_id
+    if tok is not None:
+        meta["get_eos_ids"] = tok.eos_ids
+        if tok.bos_id is not None:
+            meta["get_bos_id"] = tok.bos_id
     return meta
 
 
-def lower_to_executorch(llm: LLM):
+def lower_to_executorch(llm: LLM) -> "ExecutorchProgramManager":
     """`llm`'s model (float or torchao-quantized) as an ExecuTorch program with XNNPACK delegates.
 
     One graph, forward(tokens [1, T], input_pos [T]) -> logits [1, T, vocab] with 1 <= T < max_seq_len,
@@ -295,7 +306,9 @@ def export_pte(llm: LLM, path: str | Path, force: bool = False) -> Path:
     """Export `llm`'s model to an ExecuTorch `.pte` for the XNNPACK backend, written atomically.
 
     Quantize the model with torchao first for a smaller, faster program (8da4w: int8 dynamic
-    activations, int4 grouped weights). The tokenizer file is copied beside it, as for `.pt2` packages.
+    activations, int4 grouped weights; XNNPACK keeps the group scales in bfloat16, so the program's
+    logits differ from torchao's eager ones by that rounding). The tokenizer file is copied beside it,
+    as for `.pt2` packages.
     """
     path = check_output_path(path, force)
     program = lower_to_executorch(llm)
@@ -303,7 +316,8 @@ def export_pte(llm: LLM, path: str | Path, force: bool = False) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             program.write_to_file(f)
-        tokenizer_beside(path, llm.tokenizer.path).write_bytes(llm.tokenizer.path.read_bytes())
+        if llm.tokenizer is not None:
+            tokenizer_beside(path, llm.tokenizer.path).write_bytes(llm.tokenizer.path.read_bytes())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -311,7 +325,7 @@ def export_pte(llm: LLM, path: str | Path, force: bool = False) -> Path:
     return path
 
 
-def non_delegated_ops(program) -> Counter:
+def non_delegated_ops(program: "str | Path | ExecutorchProgramManager") -> Counter:
     """How many times forward calls each operator outside a delegate (delegate calls counted by backend).
 
     `program` is a `.pte` path or what `lower_to_executorch` returns. The count is read from the
@@ -336,8 +350,8 @@ def non_delegated_ops(program) -> Counter:
     return ops
 
 
-def check_pte(path: str | Path):
-    """Open a `.pte` with ExecuTorch's runtime and check it is a text LLM program: (program, metadata)."""
+def check_pte(path: str | Path) -> tuple["Program", dict]:
+    """Open a `.pte` in ExecuTorch's runtime, check it is a text LLM program: (program, metadata values)."""
     from executorch.runtime import Runtime
 
     import_executorch_ops()
@@ -353,21 +367,27 @@ def check_pte(path: str | Path):
     if missing:
         raise LLMKitError(f"{path} has no {' or '.join(missing)} method: it is not a text LLM program; "
                           "export it with llmkit export --output-pte-path")  # fmt: skip
-    meta = {name: program.load_method(name).execute([]) for name in program.method_names if name != "forward"}
-    return program, {name: value[0] if len(value) == 1 and name != "get_eos_ids" else value
-                     for name, value in meta.items()}  # fmt: skip
+    meta = {}
+    for name in program.method_names - {"forward"}:
+        values = program.load_method(name).execute([])
+        meta[name] = values if name == "get_eos_ids" else values[0]
+    return program, meta
 
 
-def pte_tokenizer(path: Path, meta: dict, tokenizer: str | Path | None):
-    """The tokenizer for a program: the one given or the copy beside it, checked against the program."""
+def pte_tokenizer(path: Path, meta: dict, tokenizer: str | Path | None) -> tuple[Tokenizer | None, dict | None]:
+    """The tokenizer for a program, the one given or the copy beside it, checked against the program; and
+    llmkit's metadata (None for a program from elsewhere, such as ExecuTorch's export_llm)."""
     llmkit_meta = json.loads(bytes(meta["llmkit_metadata"].tolist())) if "llmkit_metadata" in meta else None
-    if llmkit_meta is None and tokenizer is None:
-        raise LLMKitError(f"{path} was not made by llmkit and names no tokenizer; pass --tokenizer-path")
     if llmkit_meta is not None and meta.get("llmkit_format_version") != PTE_FORMAT_VERSION:
         raise LLMKitError(
             f"{path} was made by another llmkit (program format {meta.get('llmkit_format_version')}, this llmkit "
             f"reads {PTE_FORMAT_VERSION}); export it again with this version"
         )
+    if tokenizer is None:
+        if llmkit_meta is None:
+            raise LLMKitError(f"{path} was not made by llmkit and names no tokenizer; pass --tokenizer-path")
+        if not llmkit_meta["tokenizer_file"]:
+            return None, llmkit_meta  # exported without one: random weights, benchmarks
     tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, llmkit_meta["tokenizer_file"])
     if not tok_path.is_file():
         raise LLMKitError(f"the program's tokenizer {tok_path} is missing; pass --tokenizer-path to the original file")
@@ -377,7 +397,8 @@ def pte_tokenizer(path: Path, meta: dict, tokenizer: str | Path | None):
             f"the tokenizer {tok_path} has {tok.vocab_size} tokens but {path} knows {meta['get_vocab_size']}: it is "
             "not this program's tokenizer; pass the right --tokenizer-path"
         )
-    if llmkit_meta is not None and sha256(tok_path) != llmkit_meta["tokenizer_sha256"]:
+    expected = (llmkit_meta or {}).get("tokenizer_sha256")
+    if expected and sha256(tok_path) != expected:
         raise LLMKitError(f"{tok_path} is not the tokenizer {path} was exported with (checksum differs)")
     return tok, llmkit_meta
 
@@ -404,7 +425,7 @@ def load_pte(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     return llm
 
 
-def executorch_tokenizer(tok, folder: Path) -> Path:
+def executorch_tokenizer(tok: Tokenizer, folder: Path) -> Path:
     """A tokenizer file ExecuTorch's C++ runner reads: the file itself, or for a llama2.c tokenizer.bin,
     the same tokens behind ExecuTorch's llama2c header (vocab size, BOS, EOS, max token length)."""
     if tok.kind != "llama2c":
@@ -415,18 +436,30 @@ def executorch_tokenizer(tok, folder: Path) -> Path:
     return out
 
 
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def join_pieces(pieces: list[str]) -> str:
+    """The runner's pieces as text. Its SentencePiece decoder hands over a byte-fallback token as the piece's
+    name ("<0xE2>"); the bytes those stand for are joined and decoded as SentencePiece itself decodes them."""
+    data = b"".join(bytes([int(m[1], 16)]) if (m := BYTE_PIECE.fullmatch(p)) else p.encode() for p in pieces)
+    return data.decode("utf-8", errors="replace")
+
+
 @dataclass
 class RunnerGeneration:
     text: str  # the new text, without the prompt
-    n_tokens: int  # new tokens, as the runner counts them
-    stats: Stats  # the runner's timings (milliseconds) in llmkit's form
+    n_tokens: int  # new tokens, the first (from the prefill) included and an end token not
+    stats: Stats  # the runner's timings (whole milliseconds) in llmkit's form
 
 
 class TextRunner:
     """ExecuTorch's own C++ text LLM runner (`TextLLMRunner`) on a `.pte`: what an app links, tokenizer included.
 
     It reads the program's metadata methods, prefills the prompt in one call, decodes token by token and
-    samples in C++ (temperature only: 0 is greedy, there is no top-k/top-p or seed).
+    samples in C++ (temperature only: 0 is greedy, there is no top-k/top-p or seed). It prints the text
+    and its log as it goes. Its Python binding hands each piece over as `str`, so a llama2.c byte token
+    that is only part of a UTF-8 character raises UnicodeDecodeError (SentencePiece's byte tokens are fine).
     """
 
     def __init__(self, path: str | Path, tokenizer: str | Path | None = None):
@@ -435,13 +468,16 @@ class TextRunner:
         self.path = Path(path)
         _, meta = check_pte(self.path)
         self.tokenizer, _ = pte_tokenizer(self.path, meta, tokenizer)
+        if self.tokenizer is None:
+            raise LLMKitError(f"{self.path} was exported without a tokenizer; pass --tokenizer-path for the runner")
         self.max_seq_len = meta["get_max_seq_len"]
-        self._tmp = tempfile.TemporaryDirectory(prefix="llmkit-runner-")
-        tok_file = executorch_tokenizer(self.tokenizer, Path(self._tmp.name))
-        try:
-            self.runner = TextLLMRunner(str(self.path), str(tok_file))
-        except RuntimeError as e:
-            raise LLMKitError(f"ExecuTorch's runner cannot load {self.path} with {tok_file} ({e})") from None
+        self.max_context_len = meta.get("get_max_context_len", self.max_seq_len)
+        with tempfile.TemporaryDirectory(prefix="llmkit-runner-") as tmp:  # the runner reads it when created
+            tok_file = executorch_tokenizer(self.tokenizer, Path(tmp))
+            try:
+                self.runner = TextLLMRunner(str(self.path), str(tok_file))
+            except RuntimeError as e:
+                raise LLMKitError(f"ExecuTorch's runner cannot load {self.path} ({e})") from None
 
     def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0) -> RunnerGeneration:
         from executorch.extension.llm.runner import GenerationConfig
@@ -459,7 +495,36 @@ class TextRunner:
         self.runner.reset()  # start at position 0, as LLM.generate does
         self.runner.generate(prompt, config, pieces.append, stats.append)
         s = stats[0]
+        if len(pieces) < config.resolve_max_new_tokens(self.max_context_len, s.num_prompt_tokens):
+            pieces.pop()  # it stopped at an end token, which it prints and LLM.generate does not
         first, end = s.first_token_ms - s.inference_start_ms, s.inference_end_ms - s.first_token_ms
-        llm_stats = Stats(prompt_tokens=s.num_prompt_tokens, new_tokens=s.num_generated_tokens,
+        llm_stats = Stats(prompt_tokens=s.num_prompt_tokens, new_tokens=len(pieces),
                           time_to_first_token=first / 1000, decode_time=end / 1000)  # fmt: skip
-        return RunnerGeneration("".join(pieces), s.num_generated_tokens, llm_stats)
+        return RunnerGeneration(join_pieces(pieces), len(pieces), llm_stats)
+
+
+def halves_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
+    """Reorder the rows of a q/k projection from halves RoPE back to Meta's interleaved pairs."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def save_meta_checkpoint(llm: LLM, folder: str | Path) -> Path:
+    """Write a float model as Meta's params.json + consolidated.00.pth, the checkpoint ExecuTorch's export_llm
+    reads (its Llama rotates interleaved pairs, so q and k rows go back to Meta's order)."""
+    model, folder = llm.model, Path(folder)
+    args = model.args
+    if args.rope_scaling or args.qkv_bias:
+        raise LLMKitError(f"{llm.name} uses RoPE scaling or q/k/v biases, which this converter does not write")
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}  # tied output written out
+    for i in range(args.n_layers):
+        for w, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+            key = f"layers.{i}.attention.{w}.weight"
+            state[key] = halves_to_interleaved(state[key], heads)
+    torch.save(state, folder / "consolidated.00.pth")
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "hidden_dim": args.hidden_dim, "norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta}  # fmt: skip
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder

@@ -38,9 +38,9 @@ from llmkit.evaluate import score_ids, unigram_perplexity_of_ids
 from llmkit.model import ModelArgs, Transformer
 
 PRESETS = {  # vocab_size is taken from the tokenizer
-    "default": ModelArgs(dim=256, n_layers=8, n_heads=8, n_kv_heads=2, hidden_dim=688, max_seq_len=512,
+    "default": ModelArgs(dim=256, n_layers=8, n_heads=8, n_kv_heads=2, hidden_dim=768, max_seq_len=512,
                          tie_embeddings=True),
-    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, max_seq_len=128,
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192, max_seq_len=128,
                       tie_embeddings=True),
 }  # fmt: skip
 EVAL_SEQ_LEN = 256  # the window `llmkit eval` uses by default, so the card's number is what learners see
