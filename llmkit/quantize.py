@@ -18,7 +18,8 @@ the same scheme needs different kernels (and so tensor layouts) on a CPU and on 
 | linear:nvfp4 | `NVFP4WeightOnlyConfig()` | same |
 
 Steps run in the order precision, embedding, linear, whatever the order of the JSON. A group size of 0
-means one group per row (per channel), where the config has that granularity.
+means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
+bfloat16 model: with float32 activations torchao's CPU int4 kernel ran a 4x255-token forward 17x slower.
 """
 
 import dataclasses
