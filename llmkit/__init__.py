@@ -6,5 +6,9 @@ from llmkit.compile import compile
 from llmkit.errors import LLMKitError
 from llmkit.evaluate import Perplexity, perplexity
 from llmkit.generate import LLM, Generation, load
+from llmkit.quantize import load_quantized, model_size, parse_scheme, quantize, save
 
-__all__ = ["LLM", "Generation", "LLMKitError", "Perplexity", "compile", "load", "perplexity"]
+__all__ = [
+    "LLM", "Generation", "LLMKitError", "Perplexity", "compile", "load", "load_quantized", "model_size",
+    "parse_scheme", "perplexity", "quantize", "save",
+]  # fmt: skip

@@ -91,6 +91,7 @@ class LLM:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.step: Step = step if step is not None else model
         self.compile_time = 0.0  # set by llmkit.compile
+        self.scheme: str | None = None  # set by llmkit.quantize
         self.max_seq_len = max_seq_len or model.args.max_seq_len
         self.device = torch.device(device) if device else model.tok_embeddings.weight.device
 
