@@ -33,6 +33,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic length)")
     p.add_argument("--aoti-package-path", default=None, help="run an AOTInductor .pt2 made by llmkit export")
+    p.add_argument("--pte-path", default=None, help="run an ExecuTorch .pte made by llmkit export")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -64,6 +65,10 @@ def llm_from_args(args: argparse.Namespace):
         from llmkit.export import load_aoti
 
         return load_aoti(args.aoti_package_path, args.tokenizer_path)
+    if getattr(args, "pte_path", None):
+        from llmkit.export import load_pte
+
+        return load_pte(args.pte_path, args.tokenizer_path)
     llm = load_from_args(args)
     if getattr(args, "compile", False) or getattr(args, "compile_prefill", False):
         from llmkit.compile import compile
@@ -101,15 +106,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from llmkit.export import check_output_path, export_aoti
+    from llmkit.export import check_output_path, export_aoti, export_pte, non_delegated_ops
 
-    if not args.output_aoti_package_path:
-        raise LLMKitError("say where to write: --output-aoti-package-path model.pt2")
-    check_output_path(args.output_aoti_package_path, args.force)  # fail before the slow part
+    outputs = [p for p in (args.output_aoti_package_path, args.output_pte_path) if p]
+    if not outputs:
+        raise LLMKitError("say where to write: --output-aoti-package-path model.pt2 and/or --output-pte-path model.pte")
+    for out in outputs:
+        check_output_path(out, args.force)  # fail before the slow part
     llm = load_from_args(args)
-    print("exporting and compiling ahead of time (about a minute)...", file=sys.stderr)
-    path = export_aoti(llm, args.output_aoti_package_path, force=args.force)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.output_aoti_package_path:
+        print("exporting and compiling ahead of time (about a minute)...", file=sys.stderr)
+        path = export_aoti(llm, args.output_aoti_package_path, force=args.force)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.output_pte_path:
+        print("exporting and lowering to ExecuTorch with XNNPACK...", file=sys.stderr)
+        path = export_pte(llm, args.output_pte_path, force=args.force)
+        ops = non_delegated_ops(path).most_common()
+        outside = ", ".join(f"{op} x{n}" for op, n in ops if not op.startswith("delegate:")) or "none"
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); operators outside XNNPACK: {outside}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -154,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export the model ahead of time (.pt2)")
+    p = sub.add_parser("export", help="export the model ahead of time (.pt2, .pte)")
     add_model_arguments(p)
     p.add_argument("--output-aoti-package-path", default=None, help="write an AOTInductor package here")
+    p.add_argument("--output-pte-path", default=None, help="write an ExecuTorch program (XNNPACK) here")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_export)
 
