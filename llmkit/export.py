@@ -16,6 +16,7 @@ import re
 import struct
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,12 +87,18 @@ def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
     """
     path = check_output_path(path, force)
     ep = export_program(llm)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt2", dir=path.parent)
+    metadata = {"aot_inductor.metadata": runner_metadata(llm)}
+    return write_atomically(llm, path, lambda tmp: torch._inductor.aoti_compile_and_package(
+        ep, package_path=tmp, inductor_configs=metadata))  # fmt: skip
+
+
+def write_atomically(llm: LLM, path: Path, write: Callable[[str], object]) -> Path:
+    """Let `write` fill a temporary file beside `path`, copy the tokenizer beside it, then rename:
+    an interrupted export never leaves a half-written file under the final name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(
-            ep, package_path=tmp, inductor_configs={"aot_inductor.metadata": runner_metadata(llm)}
-        )
+        write(tmp)
         if llm.tokenizer is not None:
             tokenizer_beside(path, llm.tokenizer.path).write_bytes(llm.tokenizer.path.read_bytes())
         os.replace(tmp, path)
@@ -312,17 +319,12 @@ def export_pte(llm: LLM, path: str | Path, force: bool = False) -> Path:
     """
     path = check_output_path(path, force)
     program = lower_to_executorch(llm)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pte", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             program.write_to_file(f)
-        if llm.tokenizer is not None:
-            tokenizer_beside(path, llm.tokenizer.path).write_bytes(llm.tokenizer.path.read_bytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+
+    return write_atomically(llm, path, write)
 
 
 def non_delegated_ops(program: "str | Path | ExecutorchProgramManager") -> Counter:

@@ -2,7 +2,6 @@
 
 import base64
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -16,19 +15,6 @@ from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 from llmkit.errors import LLMKitError
 from llmkit.tokenizer import StreamDecoder, Tokenizer, find_tokenizer, load_tokenizer
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data beside the checkout: fail in CI when it is missing, skip (saying why) elsewhere."""
-    if not SHARED_DATA.is_dir():
-        message = f"reference data not found at {SHARED_DATA} (../shared/data beside the checkout)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI must provide it")
-        pytest.skip(message)
-    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
