@@ -286,14 +286,23 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path 
         if model.args.tie_embeddings and name == "output.weight":
             continue
         state[ours_to_hf(name)] = tensor.detach().contiguous()
-    dtype = model.tok_embeddings.weight.dtype
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    config = hf_config(model.args, model.tok_embeddings.weight.dtype, bos_id, list(eos_ids))
+
+    def fill(tmp: Path) -> None:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = hf_config(model.args, dtype, bos_id, list(eos_ids))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copy(tokenizer_path, tmp / Path(tokenizer_path).name)
+
+    return write_folder_atomically(out_dir, fill)
+
+
+def write_folder_atomically(out_dir: Path, fill) -> Path:
+    """Let `fill` write a temporary folder beside `out_dir`, then rename it into place: an interrupted
+    save never leaves a half-written model under the final name."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fill(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

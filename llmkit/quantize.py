@@ -25,10 +25,8 @@ bfloat16 model: with float32 activations torchao's CPU int4 kernel ran a 4x255-t
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from llmkit.checkpoint import write_folder_atomically
 from llmkit.errors import LLMKitError
 from llmkit.generate import DTYPES, LLM, resolve_device
 from llmkit.model import ModelArgs, Transformer
@@ -348,19 +347,15 @@ def save(llm: LLM, out_dir: str | Path, force: bool = False) -> Path:
         "scheme": getattr(llm, "scheme", None),
         "state_dict": llm.model.state_dict(),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    tokenizer = Path(llm.tokenizer.path)
+
+    def fill(tmp: Path) -> None:
         torch.save(payload, tmp / SAVED_NAME)
-        tokenizer = Path(llm.tokenizer.path)
         for source in [tokenizer, *(tokenizer.parent / name for name in TOKENIZER_CONFIGS)]:
             if source.is_file():
                 shutil.copy(source, tmp / source.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return write_folder_atomically(out_dir, fill)
 
 
 def load_quantized(path: str | Path, device: str = "cpu") -> LLM:
