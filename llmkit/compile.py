@@ -1,7 +1,8 @@
 """torch.compile for generation: a compiled one-token decode step, and optionally the prefill.
 
 Decode runs the same shapes every step, so it compiles once into a static graph: inductor's C++
-path on the CPU, CUDA graphs (what `mode="reduce-overhead"` turns on) on a GPU. The prefill's length varies
+path on the CPU, with the step's one-row products written as loops (`OneRowProductsAsLoops`),
+CUDA graphs (what `mode="reduce-overhead"` turns on) on a GPU. The prefill's length varies
 with the prompt, so it is compiled with a dynamic sequence length, only when asked.
 """
 
@@ -18,44 +19,68 @@ from llmkit.generate import LLM
 from llmkit.model import Transformer
 
 aten = torch.ops.aten
-_one_row_matmuls = PatternMatcherPass()
+_one_row_products = PatternMatcherPass()
 
 
-@register_graph_pattern(CallFunction(aten.mm.default, Arg(), Arg()), pass_dict=_one_row_matmuls)
-def _one_row_mm(match: Match, x, w) -> None:
-    if _is_one_row_on_cpu(x):
-        x.meta["inductor_realize_to_strides"] = True  # computed once, not again inside every row's loop
-        match.replace_by_example(lambda x, w: (x.float()[:, :, None] * w.float()[None]).sum(1).to(x.dtype), [x, w])
+class OneRowProductsAsLoops(CustomGraphPass):
+    """Write a decode step's one-row products, its linear layers and its attention of one query, as
+    multiplies and sums, so that inductor's C++ backend makes them loops fused with their neighbours.
 
-
-@register_graph_pattern(CallFunction(aten.addmm.default, Arg(), Arg(), Arg()), pass_dict=_one_row_matmuls)
-def _one_row_addmm(match: Match, bias, x, w) -> None:
-    if _is_one_row_on_cpu(x):
-        x.meta["inductor_realize_to_strides"] = True
-        match.replace_by_example(
-            lambda b, x, w: (b.float() + (x.float()[:, :, None] * w.float()[None]).sum(1)).to(x.dtype), [bias, x, w]
-        )
-
-
-def _is_one_row_on_cpu(x) -> bool:
-    val = x.meta.get("val")
-    return val is not None and val.device.type == "cpu" and statically_known_true(val.shape[0] == 1)
-
-
-class OneRowMatmulsAsReductions(CustomGraphPass):
-    """Write each one-row matmul (a decode step's linear layers) as a multiply and a sum.
-
-    Inductor then emits one vectorized loop that reads each weight once and fuses whatever makes the
-    weight (int8 -> float for weight-only quantization), where MKL's one-row matmul read float32
-    weights at 9.5 GB/s on a 2-core AMD EPYC whose memory copies at 26 GB/s; the loop read them at
-    31 GB/s. Inductor does this itself on GPUs (with coordinate descent tuning) but not on CPUs.
+    Left alone, inductor calls MKL for a one-row matmul, which read float32 weights at 9.5 GB/s on a
+    2-core AMD EPYC whose memory copies at 26 GB/s (the loop: 31 GB/s), and for int8 weight-only
+    first converts the whole weight to float32 in a buffer (the loop converts as it reads). ATen's
+    flash attention for the CPU, built for long queries, took 43 us a layer for one query over 129
+    positions. Inductor rewrites one-row matmuls itself on GPUs (with coordinate descent tuning).
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        _one_row_matmuls.apply(graph)
+        _one_row_products.apply(graph)
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))  # inductor's cache key: a changed pass recompiles
+
+
+def _is_one_row_on_cpu(x, dim: int = 0) -> bool:
+    val = x.meta.get("val")
+    return val is not None and val.device.type == "cpu" and statically_known_true(val.shape[dim] == 1)
+
+
+def _matmul_of_one_row(x: Tensor, w: Tensor) -> Tensor:
+    return (x.float()[:, :, None] * w.float()[None]).sum(1)
+
+
+@register_graph_pattern(CallFunction(aten.mm.default, Arg(), Arg()), pass_dict=_one_row_products)
+def _one_row_mm(match: Match, x, w) -> None:
+    if _is_one_row_on_cpu(x):
+        x.meta["inductor_realize_to_strides"] = True  # computed once, not again inside every row's loop
+        match.replace_by_example(lambda x, w: _matmul_of_one_row(x, w).to(x.dtype), [x, w])
+
+
+@register_graph_pattern(CallFunction(aten.addmm.default, Arg(), Arg(), Arg()), pass_dict=_one_row_products)
+def _one_row_addmm(match: Match, bias, x, w) -> None:
+    if _is_one_row_on_cpu(x):
+        x.meta["inductor_realize_to_strides"] = True
+        match.replace_by_example(lambda b, x, w: (b.float() + _matmul_of_one_row(x, w)).to(x.dtype), [bias, x, w])
+
+
+@register_graph_pattern(
+    CallFunction(aten._scaled_dot_product_flash_attention_for_cpu.default, Arg(), Arg(), Arg(), attn_mask=Arg()),
+    pass_dict=_one_row_products,
+)
+def _one_query_attention(match: Match, q, k, v, mask) -> None:
+    if _is_one_row_on_cpu(q, dim=2) and mask.meta["val"].shape[1:3] == (1, 1):  # one mask row for all heads
+        match.replace_by_example(_attention_of_one_query, [q, k, v, mask])
+
+
+def _attention_of_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d) + mask) v and its log-sum-exp, each group of query heads sharing a key head."""
+    B, H, _, D = q.shape
+    kv_heads = k.shape[1]
+    q = q.float().view(B, kv_heads, H // kv_heads, 1, D)
+    scores = (q * k.float()[:, :, None]).sum(-1) / D**0.5 + mask.float()  # [B, kv_heads, group, S]
+    lse = scores.logsumexp(-1, keepdim=True)
+    out = ((scores - lse).exp()[..., None] * v.float()[:, :, None]).sum(-2)
+    return out.view(B, H, 1, D).to(v.dtype), lse.view(B, H, 1)
 
 
 def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor) -> Tensor:
@@ -79,8 +104,8 @@ def compile(llm: LLM, prefill: bool = False) -> LLM:
         # descent tuning makes inductor write one-row matmuls as fused reductions that reach memory bandwidth
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
     else:
-        # inductor's C++ path without Python between kernels, with one-row matmuls as fused loops
-        options = {"cpp_wrapper": True, "post_grad_custom_pre_pass": OneRowMatmulsAsReductions()}
+        # inductor's C++ path without Python between kernels, one-row products as fused loops
+        options = {"cpp_wrapper": True, "post_grad_custom_pre_pass": OneRowProductsAsLoops()}
     decode_fn = torch.compile(decode_one_token, fullgraph=True, options=options)
     prefill_fn = torch.compile(prefill_prompt, fullgraph=True, dynamic=True, options=options)
     start = time.perf_counter()

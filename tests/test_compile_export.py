@@ -14,7 +14,7 @@ import sentencepiece as spm
 import torch
 
 from llmkit.checkpoint import save_hf
-from llmkit.compile import OneRowMatmulsAsReductions, compile
+from llmkit.compile import OneRowProductsAsLoops, compile
 from llmkit.errors import LLMKitError
 from llmkit.export import export_aoti, load_aoti
 from llmkit.generate import load
@@ -66,27 +66,35 @@ def test_compiled_decode_matches_eager(tiny):
     assert "compile" in str(b.stats)
 
 
-def test_one_row_matmuls_become_fused_loops():
-    """A decode step's int8 weight-only linear compiles to one loop over the int8 weights on the CPU.
+def test_one_row_products_become_fused_loops():
+    """A decode step's int8 weight-only linear and its attention of one query compile to loops.
 
-    Without the pass inductor converts the whole weight to float32 into a buffer and calls MKL's
-    matmul; with it, the conversion is fused and no matmul call is left. Two-row matmuls are kept.
+    Without the pass inductor converts the whole int8 weight to float32 into a buffer and calls
+    MKL's matmul, and calls ATen's flash attention; with it, neither call is left, and the results
+    are eager's to float32 rounding. Products of two rows (a prefill) keep the library calls.
     """
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
     w, s = torch.randint(-127, 128, (96, 64), dtype=torch.int8), torch.rand(96)
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)  # 2 key heads shared by 4 query heads
+    mask = (torch.arange(40) < 25)[None, None, None]  # the model's mask: one row for all heads
 
     def linear_int8(x):
         return torch.mm(x, w.t().to(x.dtype)) * s
 
-    options = {"post_grad_custom_pre_pass": OneRowMatmulsAsReductions()}
-    for rows, has_mm in ((1, False), (3, True)):
-        torch._dynamo.reset()
-        x = torch.randn(rows, 64)
-        out, (code, *_) = run_and_get_code(torch.compile(linear_int8, options=options), x)
-        assert ("extern_kernels.mm" in code) == has_mm
-        torch.testing.assert_close(out, linear_int8(x), atol=1e-4, rtol=1e-5)
+    def attention(q):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    options = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()}
+    for fn, x, call in ((linear_int8, torch.randn(1, 64), "extern_kernels.mm("),
+                        (attention, torch.randn(1, 4, 1, 16), "flash_attention_for_cpu.default(")):  # fmt: skip
+        for rows, kept in ((1, False), (3, True)):
+            torch._dynamo.reset()
+            x = torch.cat([x] * rows, dim=-2)
+            out, (code, *_) = run_and_get_code(torch.compile(fn, options=options), x)
+            assert (call in code) == kept, (fn.__name__, rows)
+            torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ["int8wo", "8da4w-32"])
