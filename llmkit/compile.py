@@ -7,7 +7,9 @@ with the prompt, so it is compiled with a dynamic sequence length, only when ask
 """
 
 import time
+import types
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -83,6 +85,12 @@ def _attention_of_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tu
     return out.view(B, H, 1, D).to(v.dtype), lse.view(B, H, 1)
 
 
+def own_copy(fn: Callable) -> Callable:
+    """`fn` with a code object of its own: dynamo keeps compiled code per code object, at most 8 (its
+    recompile limit), so a ninth model compiled through the shared function would silently stay eager."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+
+
 def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor) -> Tensor:
     return model(token, input_pos)
 
@@ -106,8 +114,8 @@ def compile(llm: LLM, prefill: bool = False) -> LLM:
     else:
         # inductor's C++ path without Python between kernels, one-row products as fused loops
         options = {"cpp_wrapper": True, "post_grad_custom_pre_pass": OneRowProductsAsLoops()}
-    decode_fn = torch.compile(decode_one_token, fullgraph=True, options=options)
-    prefill_fn = torch.compile(prefill_prompt, fullgraph=True, dynamic=True, options=options)
+    decode_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, options=options)
+    prefill_fn = torch.compile(own_copy(prefill_prompt), fullgraph=True, dynamic=True, options=options)
     start = time.perf_counter()
     try:
         with torch.inference_mode():

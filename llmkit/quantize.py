@@ -228,7 +228,7 @@ def _config(step: Step, device: torch.device, dtype: torch.dtype, scheme: str):
 def _block(step: Step) -> tuple[int, int]:
     """(rows, columns) that each weight's shape must be a multiple of: the quantization block."""
     g = step.params.get("groupsize") or 1
-    return {"linear:mxfp4": (1, 32), "linear:nvfp4": (16, 16)}.get(step.key, (1, g))
+    return {"linear:mxfp4": (1, 32), "linear:nvfp4": (16, 16), "linear:int4": (16, g)}.get(step.key, (1, g))
 
 
 def _check_shapes(modules: dict[str, nn.Module], step: Step, scheme: str) -> None:
@@ -245,7 +245,7 @@ def _check_shapes(modules: dict[str, nn.Module], step: Step, scheme: str) -> Non
             )
         raise LLMKitError(
             f"scheme {scheme!r}: {name} is {out_features}x{in_features} but {step.key} needs multiples of "
-            f"{rows}x{cols}; use int8wo or fp8wo for this model"
+            f"{rows}x{cols}; use int8wo, fp8wo or 8da4w-{cols} for this model"
         )
 
 

@@ -115,6 +115,20 @@ def test_compiled_quantized_decode_matches_eager(tiny, scheme):
         compiled.generate(PROMPT, max_new_tokens=30, temperature=0).tokens  # fmt: skip
 
 
+def test_a_ninth_model_still_compiles():
+    """Dynamo keeps at most 8 compiled versions of a function; each LLM gets its own copy of the step."""
+    import warnings
+
+    from llmkit.bench import random_model
+    from llmkit.generate import LLM
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile can't compile")
+        for seed in range(9):
+            compile(LLM(random_model(args, torch.device("cpu"), torch.float32, seed), None, name=f"model {seed}"))
+
+
 def test_cpp_runner_gives_the_python_greedy_tokens(package, tiny):
     if not RUNNER.exists():
         if os.environ.get("CI"):

@@ -110,6 +110,15 @@ def test_group_size_must_divide_every_layer(stories):
     quantize(llm, "8da4w-4")
 
 
+def test_int4_needs_rows_in_multiples_of_16():
+    from llmkit.bench import random_model
+
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, hidden_dim=128, max_seq_len=16)
+    llm = LLM(random_model(args, torch.device("cpu"), torch.bfloat16), None, name="vocab 300")
+    with pytest.raises(LLMKitError, match=r"output is 300x64 but linear:int4 needs multiples of 16x32; .*8da4w-32"):
+        quantize(llm, "int4wo-32")
+
+
 @pytest.mark.parametrize(
     "scheme, message",
     [
