@@ -1,9 +1,11 @@
 """Export the model: AOTInductor `.pt2` packages (run from Python or C++ without Python) and
 ExecuTorch `.pte` programs (XNNPACK on a phone-sized CPU, run by ExecuTorch's runtime or LLM runner).
 
-`torch.export` captures the model's forward (tokens, input positions) once, with a dynamic
-sequence length so one graph serves prefill and decode, and the KV cache as buffers that the
-loaded package keeps and updates. What a runner needs besides the graph (model arguments,
+`torch.export` captures the model's forward (tokens, input positions) with the KV cache as
+buffers, twice for a `.pt2`: once with a dynamic sequence length for the prompt (prefill) and once
+for one token (decode), which inductor compiles into fused one-row loops on a CPU (see
+`llmkit.compile`). The two compiled models are packaged together and, once loaded, share one set of
+KV cache tensors, so decode reads what prefill wrote. What a runner needs besides the graph (model arguments,
 tokenizer name and checksum, BOS/EOS ids, device, llmkit version) travels as package metadata
 (in a `.pte`, as constant methods).
 """
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
     from executorch.exir import ExecutorchProgramManager
     from executorch.runtime import Program
 
-FORMAT_VERSION = "1"  # bump when the package layout or metadata changes
+FORMAT_VERSION = "2"  # bump when the package layout or metadata changes; 2: prefill and decode models
+AOTI_MODELS = ("prefill", "decode")
 
 
 def sha256(path: Path) -> str:
@@ -51,12 +54,14 @@ def check_output_path(path: str | Path, force: bool) -> Path:
     return path
 
 
-def export_program(llm: LLM) -> torch.export.ExportedProgram:
-    """torch.export of forward(tokens [1, T], input_pos [T]) with 1 <= T < max_seq_len."""
+def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedProgram:
+    """torch.export of forward(tokens [1, T], input_pos [T]), with 1 <= T < max_seq_len or T = 1."""
+    T = 1 if one_token else 2
+    example = (torch.zeros(1, T, dtype=torch.long, device=llm.device), torch.arange(T, device=llm.device))
     seq = torch.export.Dim("seq", min=1, max=llm.max_seq_len - 1)
-    example = (torch.zeros(1, 2, dtype=torch.long, device=llm.device), torch.arange(2, device=llm.device))
     with torch.no_grad():
-        ep = torch.export.export(llm.model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+        ep = torch.export.export(llm.model, example, dynamic_shapes=None if one_token else ({1: seq}, {0: seq}),
+                                 strict=False)  # fmt: skip
     return ep.run_decompositions()  # makes the in-place cache update a buffer mutation
 
 
@@ -71,6 +76,8 @@ def runner_metadata(llm: LLM) -> dict[str, str]:
         "model_args": json.dumps(llm.model.args.to_dict()),
         "max_seq_len": str(llm.max_seq_len),
         "scheme": str(getattr(llm, "scheme", "none")),
+        "kv_cache_dtype": str(llm.model.layers[0].attention.kv_cache.k_cache.dtype).removeprefix("torch."),
+        "kv_cache_shape": ",".join(map(str, llm.model.layers[0].attention.kv_cache.k_cache.shape)),
         "tokenizer_file": "",
     }
     if tok is not None:
@@ -80,16 +87,26 @@ def runner_metadata(llm: LLM) -> dict[str, str]:
 
 
 def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
-    """Compile `llm`'s model ahead of time into a `.pt2` package, written atomically.
+    """Compile `llm`'s model ahead of time into a `.pt2` package of two models, prefill and decode,
+    written atomically.
 
-    The tokenizer file is copied beside the package (same stem, its own suffix) so the pair
-    travels together; its checksum in the metadata catches a mismatched one.
+    Each model carries its own copy of the weights (the package is twice the size of one); the
+    decode model is what makes the package fast: with one token, a CPU's matmuls and attention
+    become fused loops. The tokenizer file is copied beside the package (same stem, its own suffix)
+    so the pair travels together; its checksum in the metadata catches a mismatched one.
     """
+    from torch._inductor.package import package_aoti
+
+    from llmkit.compile import OneRowProductsAsLoops
+
     path = check_output_path(path, force)
-    ep = export_program(llm)
-    metadata = {"aot_inductor.metadata": runner_metadata(llm)}
-    return write_atomically(llm, path, lambda tmp: torch._inductor.aoti_compile_and_package(
-        ep, package_path=tmp, inductor_configs=metadata))  # fmt: skip
+    options = {"aot_inductor.metadata": runner_metadata(llm), "aot_inductor.package": True}
+    programs = {"prefill": export_program(llm), "decode": export_program(llm, one_token=True)}
+    files = {}
+    for name, ep in programs.items():
+        extra = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()} if name == "decode" else {}
+        files[name] = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options={**options, **extra})
+    return write_atomically(llm, path, lambda tmp: package_aoti(tmp, files))
 
 
 def write_atomically(llm: LLM, path: Path, write: Callable[[str], object]) -> Path:
@@ -117,11 +134,16 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     path = Path(path)
     if not path.is_file():
         raise LLMKitError(f"AOTInductor package not found: {path}")
+    from torch._inductor.package import load_package
+
     try:
-        runner = torch._inductor.aoti_load_package(str(path))
-        meta = runner.get_metadata()
-    except Exception as e:  # a damaged zip or a package for another build surfaces as many types
-        raise LLMKitError(f"{path} is not a loadable AOTInductor package ({str(e).splitlines()[0][:120]})") from None
+        runners = {name: load_package(str(path), name) for name in AOTI_MODELS}
+        meta = runners["decode"].get_metadata()
+    except Exception as e:  # a damaged zip, an older layout or another build surface as many types
+        first_line = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise LLMKitError(
+            f"{path} is not a loadable llmkit AOTInductor package ({first_line}); export it again with llmkit export"
+        ) from None
     if meta.get("llmkit_format") != FORMAT_VERSION:
         raise LLMKitError(
             f"{path} was made by another llmkit (package format {meta.get('llmkit_format', 'unknown')}, "
@@ -138,13 +160,26 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
         if sha256(tok_path) != meta["tokenizer_sha256"]:
             raise LLMKitError(f"{tok_path} is not the tokenizer {path} was exported with (checksum differs)")
         tok = load_tokenizer(tok_path)
+    caches = share_kv_cache(runners, meta)
+
     def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return runner(tokens, input_pos)
+        return runners["decode" if tokens.shape[1] == 1 else "prefill"](tokens, input_pos)
 
     llm = LLM(None, tok, name=path.stem, step=step,
               max_seq_len=int(meta["max_seq_len"]), device=device)  # fmt: skip
-    llm.metadata = meta
+    llm.metadata, llm.kv_cache = meta, caches  # the models hold raw pointers: the tensors live with llm
     return llm
+
+
+def share_kv_cache(runners: dict, meta: dict[str, str]) -> dict[str, Tensor]:
+    """Give the prefill and decode models the same KV cache tensors, owned by the caller (user-managed)."""
+    shape = [int(n) for n in meta["kv_cache_shape"].split(",")]
+    device, dtype = torch.device(meta["device"]), getattr(torch, meta["kv_cache_dtype"])
+    caches = {name: torch.zeros(shape, dtype=dtype, device=device)
+              for name in runners["decode"].get_constant_fqns() if ".kv_cache." in name}  # fmt: skip
+    for runner in runners.values():
+        runner.load_constants(caches, check_full_update=False, user_managed=True)
+    return caches
 
 
 # ---- ExecuTorch .pte: XNNPACK on the CPU, run by ExecuTorch's runtime or its C++ LLM runner ----------

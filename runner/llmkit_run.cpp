@@ -2,9 +2,10 @@
 //
 //   llmkit-run model.pt2 -z tokenizer.model -p "prompt" -n 64 -t 0 [-k top_p] [-s seed]
 //
-// Loads the package with torch::inductor::AOTIModelPackageLoader, encodes the prompt with
-// SentencePiece (BOS id from the package metadata), prefills, then decodes one token at a time
-// (the KV cache lives inside the loaded model), greedily at -t 0 or by temperature and top-p.
+// Loads the package's two models, prefill (any prompt length) and decode (one token), with
+// torch::inductor::AOTIModelPackageLoader and gives both the same KV cache tensors, owned here.
+// Encodes the prompt with SentencePiece (BOS id from the package metadata), prefills, then decodes
+// one token at a time, greedily at -t 0 or by temperature and top-p.
 // Prints the text as it goes, then a statistics line on stderr; --ids prints the token ids too.
 
 #include <sentencepiece_processor.h>
@@ -19,6 +20,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -84,20 +86,33 @@ int main(int argc, char** argv) {
   sentencepiece::SentencePieceProcessor sp;
   if (!sp.Load(o.tokenizer).ok()) fail("cannot load SentencePiece tokenizer " + o.tokenizer);
 
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> prefill, decode;
   try {
-    loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(o.package);
+    prefill = std::make_unique<torch::inductor::AOTIModelPackageLoader>(o.package, "prefill");
+    decode = std::make_unique<torch::inductor::AOTIModelPackageLoader>(o.package, "decode");
   } catch (const std::exception& e) {
-    fail(o.package + " is not a loadable AOTInductor package");
+    fail(o.package + " is not a loadable llmkit AOTInductor package; export it again with llmkit export");
   }
-  auto meta = loader->get_metadata();
-  if (meta.find("llmkit_format") == meta.end()) fail(o.package + " was not made by llmkit export");
+  auto meta = decode->get_metadata();
+  if (meta["llmkit_format"] != "2") fail(o.package + " was made by another llmkit; export it again with llmkit export");
   if (meta["tokenizer_file"].empty()) fail(o.package + " was exported without a tokenizer (random weights)");
   const int max_seq_len = std::stoi(meta["max_seq_len"]);
   const int bos = std::stoi(meta["bos_id"]);
   const std::vector<int> eos_list = split_ints(meta["eos_ids"]);
   const std::set<int> eos(eos_list.begin(), eos_list.end());
   const auto device = meta["device"] == "cuda" ? torch::kCUDA : torch::kCPU;
+
+  // One KV cache for both models: prefill writes it, decode reads and extends it.
+  const auto cache_dtype = meta["kv_cache_dtype"] == "bfloat16" ? torch::kBFloat16
+                           : meta["kv_cache_dtype"] == "float16" ? torch::kHalf : torch::kFloat;
+  const std::vector<int> shape = split_ints(meta["kv_cache_shape"]);
+  std::unordered_map<std::string, torch::Tensor> caches;
+  for (const auto& name : decode->get_constant_fqns())
+    if (name.find(".kv_cache.") != std::string::npos)
+      caches[name] = torch::zeros(std::vector<int64_t>(shape.begin(), shape.end()),
+                                  torch::TensorOptions().dtype(cache_dtype).device(device));
+  prefill->load_constants(caches, false, false, /*user_managed=*/true);
+  decode->load_constants(caches, false, false, /*user_managed=*/true);
 
   std::vector<int> ids = {bos};
   std::vector<int> prompt_pieces;
@@ -111,7 +126,8 @@ int main(int argc, char** argv) {
   auto run = [&](const std::vector<int64_t>& tokens, int64_t start) {
     auto t = torch::tensor(tokens, torch::kLong).view({1, -1}).to(device);
     auto pos = torch::arange(start, start + static_cast<int64_t>(tokens.size()), torch::kLong).to(device);
-    return loader->run({t, pos})[0][0][-1].to(torch::kCPU);
+    auto& model = tokens.size() == 1 ? decode : prefill;
+    return model->run({t, pos})[0][0][-1].to(torch::kCPU);
   };
 
   std::cout << o.prompt << std::flush;

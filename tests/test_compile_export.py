@@ -16,7 +16,7 @@ import torch
 from llmkit.checkpoint import save_hf
 from llmkit.compile import OneRowProductsAsLoops, compile
 from llmkit.errors import LLMKitError
-from llmkit.export import export_aoti, load_aoti
+from llmkit.export import export_aoti, export_program, load_aoti
 from llmkit.generate import load
 from llmkit.model import ModelArgs, Transformer
 
@@ -154,5 +154,9 @@ def test_export_bad_input(tiny, package, tmp_path):
         load_aoti(lonely)
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a zip")
-    with pytest.raises(LLMKitError, match="not a loadable AOTInductor package"):
+    with pytest.raises(LLMKitError, match="not a loadable llmkit AOTInductor package"):
         load_aoti(junk)
+    older = tmp_path / "one_model.pt2"  # llmkit's format 1: a single dynamic-length model
+    torch._inductor.aoti_compile_and_package(export_program(load(tiny)), package_path=str(older))
+    with pytest.raises(LLMKitError, match="not a loadable llmkit AOTInductor package .*export it again"):
+        load_aoti(older)
