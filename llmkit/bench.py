@@ -206,7 +206,9 @@ def bench(
     bandwidth = memory_bandwidth(torch_device)
     env = environment(torch_device)
     rows = []
-    combos = [(s, p) for s in schemes for p in paths]
+    # .pte runs last: ExecuTorch's thread pool, once started, slowed later runs in the same process 3x
+    # on a 2-core CPU (int8wo AOTI 367 tok/s after a .pte run, 1385 before, two threads)
+    combos = sorted(((s, p) for s in schemes for p in paths), key=lambda c: c[1] == "pte")
     for scheme, path in tqdm(combos, desc="bench", unit="run"):
         model, tokenizer = build_model(source, torch_device, torch_dtype, max_seq_len)
         if torch_device.type == "cuda":
