@@ -24,6 +24,7 @@ bfloat16 model: with float32 activations torchao's CPU int4 kernel ran a 4x255-t
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import shutil
@@ -38,6 +39,15 @@ from llmkit.checkpoint import write_folder_atomically
 from llmkit.errors import LLMKitError
 from llmkit.generate import DTYPES, LLM, resolve_device
 from llmkit.model import ModelArgs, Transformer
+
+
+def _drop_cuda_library_noise(record: logging.LogRecord) -> bool:
+    """torchao's wheel carries CUDA kernels; without CUDA, importing it logs a "Failed to load" line for each."""
+    return torch.cuda.is_available() or not record.getMessage().startswith("Failed to load")
+
+
+logging.getLogger("torchao").addFilter(_drop_cuda_library_noise)  # installed before torchao is first imported
+
 
 PRESETS = {
     "int8wo": {"linear:int8": {"groupsize": 0}},
