@@ -115,6 +115,18 @@ def test_compiled_quantized_decode_matches_eager(tiny, scheme):
         compiled.generate(PROMPT, max_new_tokens=30, temperature=0).tokens  # fmt: skip
 
 
+def test_what_inductor_cannot_compile_runs_eager_with_one_warning(tiny):
+    """MX formats on the CPU: inductor's C++ backend has no float8_e8m0 scales, so compile warns and keeps eager."""
+    from llmkit.quantize import quantize
+
+    eager = quantize(load(tiny), "mxfp4")
+    with pytest.warns(UserWarning, match=r"^torch.compile can't compile this model here \(.+\); running eager$"):
+        fallback = compile(quantize(load(tiny), "mxfp4"))
+    assert fallback.compile_time == 0.0 and fallback.step is fallback.model
+    assert fallback.generate(PROMPT, max_new_tokens=20, temperature=0).tokens == \
+        eager.generate(PROMPT, max_new_tokens=20, temperature=0).tokens  # fmt: skip
+
+
 def test_a_ninth_model_still_compiles():
     """Dynamo keeps at most 8 compiled versions of a function; each LLM gets its own copy of the step."""
     import warnings
