@@ -17,6 +17,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from llmkit.errors import first_line
 from llmkit.generate import LLM
 from llmkit.model import Transformer
 
@@ -126,8 +127,7 @@ def compile(llm: LLM, prefill: bool = False) -> LLM:
                 decode_fn(model, torch.zeros(1, 1, dtype=torch.long, device=llm.device),
                           torch.zeros(1, dtype=torch.long, device=llm.device))  # fmt: skip
     except Exception as e:  # inductor and torchao raise many types; eager still works
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"torch.compile can't compile this model here ({first_line[:160]}); running eager", stacklevel=2)
+        warnings.warn(f"torch.compile can't compile this model here ({first_line(e)}); running eager", stacklevel=2)
         return llm  # the failed functions were private copies: nothing else to undo
     llm.compile_time = time.perf_counter() - start
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmkit import __version__
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM, Stats
 from llmkit.model import Attention, ModelArgs, RMSNorm, Transformer
 from llmkit.tokenizer import Tokenizer, load_tokenizer
@@ -67,7 +67,7 @@ def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedPr
 
 def runner_metadata(llm: LLM) -> dict[str, str]:
     """What a runner needs besides the graph. A model benchmarked with random weights has no tokenizer."""
-    tok = llm.tokenizer
+    tok, cache = llm.tokenizer, llm.model.layers[0].attention.kv_cache.k_cache
     meta = {
         "llmkit_format": FORMAT_VERSION,
         "llmkit_version": __version__,
@@ -76,8 +76,8 @@ def runner_metadata(llm: LLM) -> dict[str, str]:
         "model_args": json.dumps(llm.model.args.to_dict()),
         "max_seq_len": str(llm.max_seq_len),
         "scheme": str(getattr(llm, "scheme", "none")),
-        "kv_cache_dtype": str(llm.model.layers[0].attention.kv_cache.k_cache.dtype).removeprefix("torch."),
-        "kv_cache_shape": ",".join(map(str, llm.model.layers[0].attention.kv_cache.k_cache.shape)),
+        "kv_cache_dtype": str(cache.dtype).removeprefix("torch."),
+        "kv_cache_shape": ",".join(map(str, cache.shape)),
         "tokenizer_file": "",
     }
     if tok is not None:
@@ -100,12 +100,13 @@ def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
     from llmkit.compile import OneRowProductsAsLoops
 
     path = check_output_path(path, force)
-    options = {"aot_inductor.metadata": runner_metadata(llm), "aot_inductor.package": True}
-    programs = {"prefill": export_program(llm), "decode": export_program(llm, one_token=True)}
+    # the pass rewrites only products statically of one row: the decode model's, not the prefill's
+    options = {"aot_inductor.metadata": runner_metadata(llm), "aot_inductor.package": True,
+               "post_grad_custom_pre_pass": OneRowProductsAsLoops()}  # fmt: skip
     files = {}
-    for name, ep in programs.items():
-        extra = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()} if name == "decode" else {}
-        files[name] = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options={**options, **extra})
+    for name in AOTI_MODELS:
+        ep = export_program(llm, one_token=name == "decode")
+        files[name] = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options=options)
     return write_atomically(llm, path, lambda tmp: package_aoti(tmp, files))
 
 
@@ -140,9 +141,8 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
         runners = {name: load_package(str(path), name) for name in AOTI_MODELS}
         meta = runners["decode"].get_metadata()
     except Exception as e:  # a damaged zip, an older layout or another build surface as many types
-        first_line = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise LLMKitError(
-            f"{path} is not a loadable llmkit AOTInductor package ({first_line}); export it again with llmkit export"
+            f"{path} is not a loadable llmkit AOTInductor package ({first_line(e)}); export it again with llmkit export"
         ) from None
     if meta.get("llmkit_format") != FORMAT_VERSION:
         raise LLMKitError(
@@ -398,7 +398,7 @@ def check_pte(path: str | Path) -> tuple["Program", dict]:
     try:
         program = Runtime.get().load_program(path)
     except Exception as e:  # the runtime raises RuntimeError or ValueError with the loader's error code
-        raise LLMKitError(f"{path} is not an ExecuTorch program ({str(e).splitlines()[0][:120]}); "
+        raise LLMKitError(f"{path} is not an ExecuTorch program ({first_line(e)}); "
                           "export one with llmkit export --output-pte-path") from None  # fmt: skip
     missing = [m for m in PTE_REQUIRED_METHODS if m not in program.method_names]
     if missing:

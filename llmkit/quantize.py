@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from llmkit.checkpoint import write_folder_atomically
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import DTYPES, LLM, resolve_device
 from llmkit.model import ModelArgs, Transformer
 
@@ -380,7 +380,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> LLM:
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged zip or pickle raises many types
-        raise LLMKitError(f"{file}: cannot read it ({str(e).splitlines()[0][:160]}); save the model again") from None
+        raise LLMKitError(f"{file}: cannot read it ({first_line(e)}); save the model again") from None
     if not isinstance(payload, dict) or payload.get("format") != SAVED_FORMAT:
         raise LLMKitError(f"{file} is not an llmkit quantized model ({SAVED_FORMAT}); save it with llmkit.quantize")
     args, state = ModelArgs(**payload["args"]), payload["state_dict"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, first_line
 
 
 def read_sweep(path: str | Path) -> dict:
@@ -31,7 +31,7 @@ def read_sweep(path: str | Path) -> dict:
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise LLMKitError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise LLMKitError(f"{path} is not valid YAML ({first_line(e)})") from None
     for key in ("name", "notebook", "grid"):
         if key not in spec:
             raise LLMKitError(f"{path} has no '{key}'; a sweep names its notebook, its grid and its name")
