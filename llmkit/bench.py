@@ -99,7 +99,11 @@ class Timing:
 
 @torch.inference_mode()
 def time_generation(llm: LLM, prompt_len: int, new_tokens: int) -> Timing:
-    """Greedy prefill of a random prompt then `new_tokens` one-token decodes, timed with syncs."""
+    """Greedy prefill of a random prompt then `new_tokens` one-token decodes, timed with syncs.
+
+    Tokens and positions stay on the device, so the host never waits for a GPU between steps: it
+    queues the next step while the GPU runs this one, as a serving loop would.
+    """
     device = llm.device
     prompt = torch.randint(0, 100, (1, prompt_len), device=device)
     sync(device)
@@ -108,9 +112,11 @@ def time_generation(llm: LLM, prompt_len: int, new_tokens: int) -> Timing:
     token = logits[0, -1].argmax().view(1, 1)
     sync(device)
     ttft = time.perf_counter() - start
-    for pos in range(prompt_len, prompt_len + new_tokens):
-        logits = llm.step(token, torch.tensor([pos], device=device))
+    input_pos = torch.tensor([prompt_len], device=device)
+    for _ in range(new_tokens):
+        logits = llm.step(token, input_pos)
         token = logits[0, -1].argmax().view(1, 1)
+        input_pos = input_pos + 1
     sync(device)
     decode = time.perf_counter() - start - ttft
     return Timing(ttft, prompt_len / ttft, new_tokens / decode)

@@ -97,6 +97,26 @@ def test_one_row_products_become_fused_loops():
             torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
 
 
+def test_the_input_of_a_one_row_reduction_is_computed_once():
+    """On a GPU inductor writes a one-row matmul as (x[:, :, None] * w[None]).sum(1); the pass marks x,
+    here silu(a) * b as in the MLP, to be computed once rather than inside each output row's program."""
+    from torch._dynamo.utils import counters
+
+    def mlp_down(a, b, w):
+        x = torch.nn.functional.silu(a) * b
+        return (x.unsqueeze(2) * w.unsqueeze(0)).sum(dim=1)
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    for rows, matches in ((1, 1), (3, 0)):
+        torch._dynamo.reset()
+        counters.clear()
+        a, b = torch.randn(rows, 64), torch.randn(rows, 64)
+        out = torch.compile(mlp_down, options={"post_grad_custom_pre_pass": OneRowProductsAsLoops()})(a, b, w)
+        assert counters["inductor"]["pattern_matcher_count"] == matches, rows
+        torch.testing.assert_close(out, mlp_down(a, b, w), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("scheme", ["int8wo", "8da4w-32"])
 def test_compiled_quantized_decode_matches_eager(tiny, scheme):
     """The same quantized model, eager and compiled: identical greedy tokens, logits (of size ~1)
