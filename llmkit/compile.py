@@ -48,9 +48,13 @@ class OneRowProductsAsLoops(CustomGraphPass):
         return get_hash_for_files((__file__,))  # inductor's cache key: a changed pass recompiles
 
 
-def _is_one_row_on_cpu(x, dim: int = 0) -> bool:
+def _is_one_row(x, dim: int = 0) -> bool:
     val = x.meta.get("val")
-    return val is not None and val.device.type == "cpu" and statically_known_true(val.shape[dim] == 1)
+    return val is not None and statically_known_true(val.shape[dim] == 1)
+
+
+def _is_one_row_on_cpu(x, dim: int = 0) -> bool:
+    return _is_one_row(x, dim) and x.meta["val"].device.type == "cpu"
 
 
 @register_graph_pattern(
@@ -58,7 +62,7 @@ def _is_one_row_on_cpu(x, dim: int = 0) -> bool:
                  CallFunction(aten.mul.Tensor, CallFunction(aten.unsqueeze.default, Arg(), 2),
                               CallFunction(aten.unsqueeze.default, Arg(), 0)), [1]),
     pass_dict=_one_row_products,
-    extra_check=lambda match: statically_known_true(match.args[0].meta["val"].shape[0] == 1),
+    extra_check=lambda match: _is_one_row(match.args[0]),
 )  # fmt: skip
 def _one_row_reduction(match: Match, x, w) -> None:
     """Inductor's own one-row matmul on a GPU, (x[:, :, None] * w[None]).sum(1): compute x once."""
