@@ -246,6 +246,25 @@ def bench(
     return rows
 
 
+def across_runs(rows: list[dict]) -> list[dict]:
+    """One row per source, device, scheme and path: the run with the median decode speed, with the
+    number of runs and their slowest and fastest decode speeds.
+
+    Inductor tunes its GPU kernels anew at each compilation and does not always pick the same ones, so
+    one compiled run is one sample; the median of separate runs is the figure to quote.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["source"], r.get("gpu") or r.get("processor"), r["device"], r["scheme"], r["path"])
+        groups.setdefault(key, []).append(r)
+    merged = []
+    for runs in groups.values():
+        speeds = [r["decode_tokens_per_s"] for r in runs]
+        median = next(r for r in runs if r["decode_tokens_per_s"] == statistics.median_low(speeds))
+        merged.append({**median, "runs": len(runs), "decode_tokens_per_s_range": (min(speeds), max(speeds))})
+    return merged
+
+
 def table(rows: list[dict]) -> str:
     """A Markdown table of the figures that matter."""
     lines = [

@@ -282,7 +282,7 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path 
     if not out_dir.parent.exists():
         raise LLMKitError(f"folder {out_dir.parent} does not exist; create it first")
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in checkpoint_state(model).items():
         if model.args.tie_embeddings and name == "output.weight":
             continue
         state[ours_to_hf(name)] = tensor.detach().contiguous()
@@ -295,6 +295,19 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path 
             shutil.copy(tokenizer_path, tmp / Path(tokenizer_path).name)
 
     return write_folder_atomically(out_dir, fill)
+
+
+def checkpoint_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under checkpoint names: its wqkv split back into wq, wk and wv."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".wqkv." not in name:
+            state[name] = tensor
+            continue
+        sizes = model.layers[0].attention.qkv_sizes
+        for w, part in zip(("wq", "wk", "wv"), tensor.split(sizes), strict=True):
+            state[name.replace("wqkv", w)] = part
+    return state
 
 
 def write_folder_atomically(out_dir: Path, fill) -> Path:

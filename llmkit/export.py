@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmkit import __version__
+from llmkit.checkpoint import checkpoint_state
 from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM, Stats
 from llmkit.model import Attention, ModelArgs, RMSNorm, Transformer
@@ -212,6 +213,19 @@ class CustomKVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
+def row_blocks(linear: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
+    """`linear` as one Linear per block of its output rows, each a view of its weights (and bias)."""
+    blocks, start = [], 0
+    for n in sizes:
+        block = nn.Linear(linear.in_features, n, bias=linear.bias is not None, device="meta")
+        block.weight = nn.Parameter(linear.weight[start : start + n], requires_grad=False)
+        if linear.bias is not None:
+            block.bias = nn.Parameter(linear.bias[start : start + n], requires_grad=False)
+        blocks.append(block)
+        start += n
+    return blocks
+
+
 class CustomOpAttention(nn.Module):
     """`Attention` computed as ExecuTorch's own LLM export does, with the same weights.
 
@@ -225,7 +239,9 @@ class CustomOpAttention(nn.Module):
     def __init__(self, attention: Attention, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
-        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        # XNNPACK delegates no slice of a dynamic-length tensor, so q, k and v are three products again
+        self.wq, self.wk, self.wv = row_blocks(attention.wqkv, attention.qkv_sizes)
+        self.wo = attention.wo
         self.kv_cache = CustomKVCache(args, attention.kv_cache.k_cache.dtype)
         half, eye = self.head_dim // 2, torch.eye(self.head_dim // 2)
         rotate = torch.zeros(self.head_dim, self.head_dim)  # float32, as model.apply_rope computes
@@ -554,7 +570,7 @@ def save_meta_checkpoint(llm: LLM, folder: str | Path) -> Path:
     if args.rope_scaling or args.qkv_bias:
         raise LLMKitError(f"{llm.name} uses RoPE scaling or q/k/v biases, which this converter does not write")
     folder.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().clone() for name, t in model.state_dict().items()}  # tied output written out
+    state = {name: t.detach().clone() for name, t in checkpoint_state(model).items()}  # tied output written out
     for i in range(args.n_layers):
         for w, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
             key = f"layers.{i}.attention.{w}.weight"

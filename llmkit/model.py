@@ -114,18 +114,19 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        kv_dim = args.n_kv_heads * args.head_dim
-        self.wq = nn.Linear(args.dim, args.dim, bias=args.qkv_bias)
-        self.wk = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
-        self.wv = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
+        self.qkv_sizes = [args.dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim]
+        # q, k and v in one matrix: decoding reads it in one product instead of three
+        self.wqkv = nn.Linear(args.dim, sum(self.qkv_sizes), bias=args.qkv_bias)
         self.wo = nn.Linear(args.dim, args.dim, bias=False)
         self.kv_cache = KVCache(args)
+        self.register_load_state_dict_pre_hook(join_qkv)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:  # decoding: attend to the whole cache, masked to the past
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -134,6 +135,14 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def join_qkv(attention: Attention, state: dict, prefix: str, *_) -> None:
+    """Checkpoints keep wq, wk and wv apart; load them as the one wqkv matrix the model multiplies by."""
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{w}.{kind}" for w in ("wq", "wk", "wv")]
+        if names[0] in state:
+            state[f"{prefix}wqkv.{kind}"] = torch.cat([state.pop(name) for name in names])
 
 
 class FeedForward(nn.Module):

@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from llmkit.checkpoint import interleaved_to_halves, load_checkpoint
+from llmkit.checkpoint import checkpoint_state, interleaved_to_halves, load_checkpoint
 from llmkit.errors import LLMKitError
 from llmkit.model import ModelArgs, Transformer
 
@@ -38,12 +38,13 @@ def write_llama2c(model: Transformer, path):
     a = model.args
     L = model.layers
     vocab = a.vocab_size if a.tie_embeddings else -a.vocab_size
+    qkv = [layer.attention.wqkv.weight.split(layer.attention.qkv_sizes) for layer in L]
     tensors = [model.tok_embeddings.weight]
     tensors += [layer.attention_norm.weight for layer in L]
-    tensors += [halves_to_interleaved(layer.attention.wq.weight, a.n_heads) for layer in L]
-    tensors += [halves_to_interleaved(layer.attention.wk.weight, a.n_kv_heads) for layer in L]
-    for name in ("wv", "wo"):
-        tensors += [getattr(layer.attention, name).weight for layer in L]
+    tensors += [halves_to_interleaved(wq, a.n_heads) for wq, _, _ in qkv]
+    tensors += [halves_to_interleaved(wk, a.n_kv_heads) for _, wk, _ in qkv]
+    tensors += [wv for _, _, wv in qkv]
+    tensors += [layer.attention.wo.weight for layer in L]
     tensors += [layer.ffn_norm.weight for layer in L]
     for name in ("w1", "w2", "w3"):
         tensors += [getattr(layer.feed_forward, name).weight for layer in L]
@@ -69,7 +70,7 @@ def test_llama2c_round_trip(tie, tmp_path):
 
 def test_meta_consolidated_pth(tmp_path):
     model = random_model(tie=False)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in checkpoint_state(model).items()}
     for i in range(ARGS.n_layers):
         for w, heads in (("wq", ARGS.n_heads), ("wk", ARGS.n_kv_heads)):
             key = f"layers.{i}.attention.{w}.weight"

@@ -105,7 +105,7 @@ def test_custom_op_modules_match_eager(tiny):
         for t, pos in ((x[:, :20], torch.arange(20)), (x[:, 20:21], torch.tensor([20]))):
             assert (swapped(t, pos) - eager(t, pos)).abs().max() <= 1e-5
     assert all(type(layer.attention) is Attention for layer in eager.layers)
-    assert swapped.layers[0].attention.wq.weight is eager.layers[0].attention.wq.weight  # shared, not copied
+    assert swapped.layers[0].attention.wq.weight.data_ptr() == eager.layers[0].attention.wqkv.weight.data_ptr()
     assert swapped.layers[0].attention.kv_cache.k_cache.shape == (1, ARGS.max_seq_len, ARGS.n_kv_heads, 16)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from llmkit.bench import across_runs
 from llmkit.errors import LLMKitError
 from llmkit.sweep import read_sweep, run_sweep
 
@@ -48,3 +49,16 @@ def test_empty_grid_says_so(tmp_path):
     sweep.write_text("name: empty\nnotebook: notebooks/08_benchmarks.ipynb\ngrid: {schemes: []}\n")
     with pytest.raises(LLMKitError, match="grid is empty"):
         read_sweep(sweep)
+
+
+def test_runs_of_the_same_benchmark_merge_into_their_median():
+    def run(scheme, speed, when):
+        return {"source": "llama-2-7b", "gpu": "H100", "device": "cuda", "scheme": scheme, "path": "compile",
+                "decode_tokens_per_s": speed, "time": when}  # fmt: skip
+
+    rows = [run("none", 150.0, "t1"), run("none", 190.0, "t2"), run("int8wo", 250.0, "t2"), run("none", 180.0, "t3")]
+    merged = {r["scheme"]: r for r in across_runs(rows)}
+    assert len(merged) == 2
+    assert merged["none"]["decode_tokens_per_s"] == 180.0 and merged["none"]["time"] == "t3"  # the median run itself
+    assert merged["none"]["runs"] == 3 and merged["none"]["decode_tokens_per_s_range"] == (150.0, 190.0)
+    assert merged["int8wo"]["runs"] == 1
