@@ -250,8 +250,8 @@ def across_runs(rows: list[dict]) -> list[dict]:
     """One row per source, device, scheme and path: the run with the median decode speed, with the
     number of runs and their slowest and fastest decode speeds.
 
-    Inductor tunes its GPU kernels anew at each compilation and does not always pick the same ones, so
-    one compiled run is one sample; the median of separate runs is the figure to quote.
+    Compiled decode on a GPU varies from one compilation to the next (llama-2-7b int8wo on an H100:
+    180 to 282 tok/s), so one compiled run is one sample; the median of separate runs is the figure.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
