@@ -141,7 +141,7 @@ def join_qkv(attention: Attention, state: dict, prefix: str, *_) -> None:
     """Checkpoints keep wq, wk and wv apart; load them as the one wqkv matrix the model multiplies by."""
     for kind in ("weight", "bias"):
         names = [f"{prefix}{w}.{kind}" for w in ("wq", "wk", "wv")]
-        if names[0] in state:
+        if all(name in state for name in names):  # else strict loading names what is missing
             state[f"{prefix}wqkv.{kind}"] = torch.cat([state.pop(name) for name in names])
 
 

@@ -102,6 +102,21 @@ def test_corrupt_safetensors_is_named(tmp_path):
         load_checkpoint(tmp_path / "hf")
 
 
+def test_a_missing_projection_is_named(tmp_path):
+    """q, k and v load as one matrix; a file without one of them still gets a clear error, not a KeyError."""
+    from safetensors.torch import load_file, save_file
+
+    from llmkit.checkpoint import save_hf
+
+    save_hf(random_model(tie=True), tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    save_file(state, weights)
+    with pytest.raises(LLMKitError, match=r"weights do not fit .*layers\.1\.attention\.wqkv\.weight"):
+        load_checkpoint(tmp_path / "hf")
+
+
 def test_save_refuses_to_overwrite(tmp_path):
     from llmkit.checkpoint import save_hf
 
