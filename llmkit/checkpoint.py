@@ -299,12 +299,11 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path 
 
 def checkpoint_state(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights under checkpoint names: its wqkv split back into wq, wk and wv."""
-    state = {}
+    state, sizes = {}, model.layers[0].attention.qkv_sizes
     for name, tensor in model.state_dict().items():
         if ".wqkv." not in name:
             state[name] = tensor
             continue
-        sizes = model.layers[0].attention.qkv_sizes
         for w, part in zip(("wq", "wk", "wv"), tensor.split(sizes), strict=True):
             state[name.replace("wqkv", w)] = part
     return state

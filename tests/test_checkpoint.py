@@ -38,12 +38,13 @@ def write_llama2c(model: Transformer, path):
     a = model.args
     L = model.layers
     vocab = a.vocab_size if a.tie_embeddings else -a.vocab_size
-    qkv = [layer.attention.wqkv.weight.split(layer.attention.qkv_sizes) for layer in L]
+    state = checkpoint_state(model)  # wq, wk and wv apart, as llama2.c stores them
+    per_layer = {w: [state[f"layers.{i}.attention.{w}.weight"] for i in range(a.n_layers)] for w in ("wq", "wk", "wv")}
     tensors = [model.tok_embeddings.weight]
     tensors += [layer.attention_norm.weight for layer in L]
-    tensors += [halves_to_interleaved(wq, a.n_heads) for wq, _, _ in qkv]
-    tensors += [halves_to_interleaved(wk, a.n_kv_heads) for _, wk, _ in qkv]
-    tensors += [wv for _, _, wv in qkv]
+    tensors += [halves_to_interleaved(w, a.n_heads) for w in per_layer["wq"]]
+    tensors += [halves_to_interleaved(w, a.n_kv_heads) for w in per_layer["wk"]]
+    tensors += per_layer["wv"]
     tensors += [layer.attention.wo.weight for layer in L]
     tensors += [layer.ffn_norm.weight for layer in L]
     for name in ("w1", "w2", "w3"):
