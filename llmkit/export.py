@@ -214,7 +214,9 @@ class CustomKVCache(nn.Module):
 
 
 def row_blocks(linear: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
-    """`linear` as one Linear per block of its output rows, each a view of its weights (and bias)."""
+    """`linear` as one Linear per block of its output rows, each a view of its weights (and bias).
+
+    Slices rather than `split`: torchao's quantized weights implement slicing but not split_with_sizes."""
     blocks, start = [], 0
     for n in sizes:
         block = nn.Linear(linear.in_features, n, bias=linear.bias is not None, device="meta")
