@@ -132,6 +132,10 @@ def compile(llm: LLM, prefill: bool = False) -> LLM:
     options = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()}
     if device.type == "cuda":  # coordinate descent tuning: one-row matmuls as reductions at memory bandwidth
         options["coordinate_descent_tuning"] = True
+        # A kernel that writes into its input's buffer is timed by the tuner together with a copy of
+        # that buffer, which hid the differences between configurations: on an H100 the same w1/w3
+        # kernel took 58 us a layer in one compilation and 75-110 us in others. Fresh buffers: 60-62 us.
+        options["inplace_buffers"] = False
     else:  # inductor's C++ path without Python between kernels
         options["cpp_wrapper"] = True
     decode_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, options=options)
