@@ -251,7 +251,8 @@ def across_runs(rows: list[dict]) -> list[dict]:
     number of runs and their slowest and fastest decode speeds.
 
     Compiled decode on a GPU varies from one compilation to the next (llama-2-7b int8wo on an H100:
-    180 to 282 tok/s), so one compiled run is one sample; the median of separate runs is the figure.
+    283 to 302 tok/s over three compilations), so one compiled run is one sample; the median of
+    separate runs is the figure.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
