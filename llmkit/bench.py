@@ -246,6 +246,11 @@ def bench(
     return rows
 
 
+def read_results(*files: str | Path) -> list[dict]:
+    """The rows of JSON-lines result files, as `bench(..., out=...)` appends them."""
+    return [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line]
+
+
 def across_runs(rows: list[dict]) -> list[dict]:
     """One row per source, device, scheme and path: the run with the median decode speed, with the
     number of runs and their slowest and fastest decode speeds.

@@ -81,10 +81,10 @@ def summarize(out_dir: Path, runs: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llmkit.bench import table
+    from llmkit.bench import read_results, table
     from llmkit.plots import roofline
 
-    rows = [json.loads(line) for f in sorted(out_dir.glob("*.jsonl")) for line in f.read_text().splitlines() if line]
+    rows = read_results(*sorted(out_dir.glob("*.jsonl")))
     lines = [f"# Sweep {out_dir.name}", "", "| run | status |", "| --- | --- |"]
     lines += [f"| {r['run']} | {r['status']}{': ' + r['error'] if r.get('error') else ''} |" for r in runs]
     lines += ["", table(rows) if rows else "No results: every run failed.", ""]
