@@ -255,9 +255,10 @@ def across_runs(rows: list[dict]) -> list[dict]:
     """One row per source, device, scheme and path: the run with the median decode speed, with the
     number of runs and their slowest and fastest decode speeds.
 
-    Compiled decode on a GPU varies from one compilation to the next (llama-2-7b int8wo on an H100:
-    283 to 302 tok/s over three compilations), so one compiled run is one sample; the median of
-    separate runs is the figure.
+    Compiled decode on a GPU can vary from one compilation to the next, as inductor's tuner picks
+    kernel configurations anew (llama-2-7b int8wo on an H100: 246 to 305 tok/s over six compilations
+    before `llmkit.compile` had the tuner time kernels alone; 319.7 to 319.9 over three after), so
+    one compiled run is one sample; the median of separate runs is the figure.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

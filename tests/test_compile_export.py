@@ -117,6 +117,31 @@ def test_the_input_of_a_one_row_reduction_is_computed_once():
         torch.testing.assert_close(out, mlp_down(a, b, w), atol=1e-5, rtol=1e-5)
 
 
+def test_the_gpu_tuner_times_kernels_by_the_profiler_only_while_compiling(monkeypatch):
+    """Inductor's tuner, timing candidates with CUDA events, timed Python's launch of short kernels; while
+    `compile` tunes on a GPU, each timing asks for the profiler's kernel time, and afterwards all is as before."""
+    import warnings
+
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    from llmkit.compile import _tuner_times_kernels_alone
+
+    calls = []
+    monkeypatch.setattr(CachingAutotuner, "bench", lambda self, launcher, *a, **k: calls.append(k) or 1.0)
+    original = CachingAutotuner.bench
+    with _tuner_times_kernels_alone(torch.device("cpu")):
+        assert CachingAutotuner.bench is original
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _tuner_times_kernels_alone(torch.device("cuda")):
+            CachingAutotuner.bench(None, "launcher", 1, with_profiler=False)
+            warnings.warn("Warning: Profiler clears events at the end of each cycle.", UserWarning, stacklevel=1)
+        warnings.warn("other warnings still show", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["other warnings still show"]
+    assert calls == [{"with_profiler": True}]
+    assert CachingAutotuner.bench is original
+
+
 @pytest.mark.parametrize("scheme", ["int8wo", "8da4w-32"])
 def test_compiled_quantized_decode_matches_eager(tiny, scheme):
     """The same quantized model, eager and compiled: identical greedy tokens, logits (of size ~1)
