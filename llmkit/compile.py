@@ -39,9 +39,10 @@ class OneRowProductsAsLoops(CustomGraphPass):
 
     On a GPU, inductor itself writes a one-row matmul as a reduction (with coordinate descent tuning),
     but it recomputed the product's input inside every output row's program: for w2, silu(w1 x) * w3 x,
-    4096 times a step. The pass has that input computed once. cuDNN's attention, also built for long
-    queries, took 7 us a layer on an H100 for one query over 129 positions; written as sums it fuses
-    with its neighbours: llama-2-7b shape, bfloat16 201.3 -> 203.3 tok/s, int8wo 319.9 -> 324.6.
+    4096 times a step. The pass has that input computed once, in bfloat16 rather than float32, as every
+    row's program reads it (H100, llama-2-7b shape: int8wo 324.6 -> 345.5 tok/s). cuDNN's attention,
+    also built for long queries, took 7 us a layer for one query over 129 positions; written as sums it
+    fuses with its neighbours: bfloat16 201.3 -> 203.3 tok/s, int8wo 319.9 -> 324.6.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -68,7 +69,12 @@ def _is_one_row_on_cpu(x, dim: int = 0) -> bool:
     extra_check=lambda match: _is_one_row(match.args[0]),
 )  # fmt: skip
 def _one_row_reduction(match: Match, x, w) -> None:
-    """Inductor's own one-row matmul on a GPU, (x[:, :, None] * w[None]).sum(1): compute x once."""
+    """Inductor's own one-row matmul on a GPU, (x[:, :, None] * w[None]).sum(1): compute x once, and
+    keep it in its own 16-bit dtype, not the float32 the product is summed in, since every output row's
+    program reads all of x (for int8 weights, in float32, 4 times the weight's own bytes)."""
+    widened = x.target == torch.ops.prims.convert_element_type.default
+    if widened and x.args[0].meta["val"].dtype in (torch.bfloat16, torch.float16):
+        x = x.args[0]
     x.meta["inductor_realize_to_strides"] = True
 
 
