@@ -20,6 +20,8 @@ the same scheme needs different kernels (and so tensor layouts) on a CPU and on 
 Steps run in the order precision, embedding, linear, whatever the order of the JSON. A group size of 0
 means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
 bfloat16 model: with float32 activations torchao's CPU int4 kernel ran a 4x255-token forward 17x slower.
+On a GPU, int4 takes tinygemm's packing because at one token it was the fastest int4 kernel torchao can
+call: on an H100, its MSLK formats (`plain`, `preshuffled`) took 1.5-2.3x as long (notebook 08).
 """
 
 import dataclasses
