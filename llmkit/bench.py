@@ -16,40 +16,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from llmkit.aoti import export_aoti, load_aoti
+from llmkit.compile import compile
+from llmkit.devices import dtype_name, resolve_device, resolve_dtype, sync
 from llmkit.errors import LLMKitError
-from llmkit.generate import LLM, resolve_device, resolve_dtype
-from llmkit.model import ModelArgs, Transformer
+from llmkit.executorch import export_pte, load_pte
+from llmkit.generate import LLM
+from llmkit.loading import load
+from llmkit.model import SHAPES, Transformer, random_model, shape_args
+from llmkit.quantize import model_size, quantize
 
-# Architectures of well-known models, to measure speed with random weights and no download.
-SHAPES = {
-    "stories15M": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768),
-    "stories110M": ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048),
-    "llama-3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
-                              rope_theta=500000.0, tie_embeddings=True),  # fmt: skip
-    "llama-2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008),
-    "llama-3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
-                            rope_theta=500000.0),  # fmt: skip
-}
 PATHS = ("eager", "compile", "aoti", "pte")
-
-
-def shape_args(name: str, max_seq_len: int) -> ModelArgs:
-    if name not in SHAPES:
-        raise LLMKitError(f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}")
-    return ModelArgs(**{**SHAPES[name].to_dict(), "max_seq_len": max_seq_len})
-
-
-def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
-    """A model of the given shape with small random weights, built directly on the device."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Transformer(args)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model = model.to(dtype).eval()
-    model.setup_buffers()
-    return model
 
 
 def memory_bandwidth(device: str | torch.device = "cpu", megabytes: int = 512, repeats: int = 5) -> float:
@@ -67,24 +44,10 @@ def memory_bandwidth(device: str | torch.device = "cpu", megabytes: int = 512, r
     return 2 * src.numel() * 4 / min(times[1:])
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def weight_bytes(model: Transformer) -> int:
-    """Bytes the weights really occupy (quantized tensors counted by their inner data)."""
-    from llmkit.quantize import model_size
-
-    return model_size(model)
-
-
 def bytes_read_per_token(model: Transformer, nbytes: int) -> int:
     """What one decode step reads: every weight but an untied embedding table (one row of it is read),
     plus the whole KV cache, which attention reads at every step."""
     if not model.args.tie_embeddings:
-        from llmkit.quantize import model_size
-
         nbytes -= model_size(model.tok_embeddings)
     caches = [layer.attention.kv_cache for layer in model.layers]
     return nbytes + sum(c.k_cache.nbytes + c.v_cache.nbytes for c in caches)
@@ -144,27 +107,17 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def prepare(model: Transformer, tokenizer, scheme: str, path: str, workdir: Path) -> LLM:
-    """An LLM on the requested path, quantized with the scheme first."""
+def on_path(model: Transformer, tokenizer, scheme: str, path: str, workdir: Path) -> LLM:
+    """An LLM on the requested path (eager, compiled, or exported and loaded back), quantized with the scheme first."""
     llm = LLM(model, tokenizer, name="bench")
     if scheme != "none":
-        from llmkit.quantize import quantize
-
         quantize(llm, scheme)
     if path == "compile":
-        from llmkit.compile import compile
-
         compile(llm)
     elif path == "aoti":
-        from llmkit.export import export_aoti, load_aoti
-
-        package = export_aoti(llm, workdir / f"{scheme}.pt2", force=True)
-        llm = load_aoti(package)
+        llm = load_aoti(export_aoti(llm, workdir / f"{scheme}.pt2", force=True))
     elif path == "pte":
-        from llmkit.export import export_pte, load_pte
-
-        program = export_pte(llm, workdir / f"{scheme}.pte", force=True)
-        llm = load_pte(program)
+        llm = load_pte(export_pte(llm, workdir / f"{scheme}.pte", force=True))
     elif path != "eager":
         raise LLMKitError(f"unknown path {path!r}; use one of {', '.join(PATHS)}")
     return llm
@@ -179,9 +132,7 @@ def build_model(source: str, device: torch.device, dtype: torch.dtype, max_seq_l
     """(model, tokenizer) from a shape name (random weights) or a checkpoint path."""
     if is_shape(source):
         return random_model(shape_args(source, max_seq_len), device, dtype), None
-    from llmkit.generate import load
-
-    llm = load(source, device=device.type, dtype=str(dtype).removeprefix("torch."), max_seq_len=max_seq_len)
+    llm = load(source, device=device.type, dtype=dtype_name(dtype), max_seq_len=max_seq_len)
     return llm.model, llm.tokenizer
 
 
@@ -212,15 +163,14 @@ def bench(
     bandwidth = memory_bandwidth(torch_device)
     env = environment(torch_device)
     rows = []
-    # .pte runs last: ExecuTorch's thread pool, once started, slowed later runs in the same process 3x
-    # on a 2-core CPU (int8wo AOTI 367 tok/s after a .pte run, 1385 before, two threads)
+    # .pte runs last: ExecuTorch's thread pool, once started, slows later runs in the same process
     combos = sorted(((s, p) for s in schemes for p in paths), key=lambda c: c[1] == "pte")
     for scheme, path in tqdm(combos, desc="bench", unit="run"):
         model, tokenizer = build_model(source, torch_device, torch_dtype, max_seq_len)
         if torch_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        llm = prepare(model, tokenizer, scheme, path, workdir)
-        nbytes = weight_bytes(model)
+        llm = on_path(model, tokenizer, scheme, path, workdir)
+        nbytes = model_size(model)
         read_per_token = bytes_read_per_token(model, nbytes)
         time_generation(llm, min(prompt_len, 8), 8)  # warm-up: compiled kernels, caches, CUDA graphs
         timings = [time_generation(llm, prompt_len, new_tokens) for _ in range(repeats)]
@@ -253,12 +203,8 @@ def read_results(*files: str | Path) -> list[dict]:
 
 def across_runs(rows: list[dict]) -> list[dict]:
     """One row per source, device, scheme and path: the run with the median decode speed, with the
-    number of runs and their slowest and fastest decode speeds.
-
-    Compiled decode on a GPU can vary from one compilation to the next, as inductor's tuner picks
-    kernel configurations anew (llama-2-7b int8wo on an H100: 246 to 305 tok/s over six compilations
-    before `llmkit.compile` had the tuner time kernels alone; 319.7 to 319.9 over three after), so
-    one compiled run is one sample; the median of separate runs is the figure.
+    number of runs and their slowest and fastest decode speeds. Compiled decode on a GPU can vary from one
+    compilation to the next, as inductor's tuner picks kernel configurations anew: one run is one sample.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

@@ -8,7 +8,6 @@ built-in one picked from its special tokens: Llama 3, ChatML, or Llama 2's [INST
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -16,17 +15,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmkit.errors import LLMKitError
+from llmkit.generate import LLM, Generation
 from llmkit.tokenizer import Tokenizer, load_tokenizer
-
-if TYPE_CHECKING:
-    from llmkit.generate import LLM, Generation
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
@@ -171,7 +167,7 @@ def encode_chat(
     return ids
 
 
-def fit(
+def drop_oldest_turns(
     tokenizer: Tokenizer, messages: Sequence[Message], template: str, budget: int
 ) -> tuple[list[Message], list[int]]:
     """The conversation less its oldest turns, as many as must go for the prompt to fit in `budget` tokens, and
@@ -195,7 +191,7 @@ def _prompt(
 ) -> tuple[list[Message], list[int]]:
     """Fit the conversation in the context, leaving room for a reply of max_new_tokens (up to a quarter of it)."""
     budget = llm.max_seq_len - min(max_new_tokens, llm.max_seq_len // 4)
-    kept, ids = fit(llm.tokenizer, messages, template or template_for(llm.tokenizer), budget)
+    kept, ids = drop_oldest_turns(llm.tokenizer, messages, template or template_for(llm.tokenizer), budget)
     if len(kept) < len(messages):
         on_notice(
             f"[the {len(messages) - len(kept)} oldest messages no longer fit in the {llm.max_seq_len}-token "
@@ -258,33 +254,3 @@ def chat_loop(
         print()
         print(out.stats, file=sys.stderr)
         history.append({"role": "assistant", "content": out.text})
-
-
-def _cmd_chat(args: argparse.Namespace) -> None:
-    from llmkit.cli import llm_from_args
-
-    chat_loop(
-        llm_from_args(args),
-        args.system,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `llmkit chat`."""
-    from llmkit.cli import add_model_arguments, add_run_arguments  # cli imports this module: import once cli is done
-
-    p = subparsers.add_parser("chat", help="talk with a model in its chat format (/reset starts over, /quit leaves)")
-    add_model_arguments(p)
-    p.add_argument("--system", default=None, help="system prompt, kept when old turns are dropped")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None)
-    add_run_arguments(p)
-    p.set_defaults(func=_cmd_chat)

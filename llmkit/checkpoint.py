@@ -9,10 +9,8 @@ Meta files are permuted once at load time and one forward serves both.
 """
 
 import json
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import LLMKitError
+from llmkit.files import check_output_path, write_folder_atomically
 from llmkit.model import ModelArgs, Transformer
 
 LLAMA2C_HEADER = struct.Struct("7i")
@@ -43,6 +42,12 @@ def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder the rows of a q/k projection from interleaved-pair RoPE to halves RoPE."""
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of a q/k projection from halves RoPE back to interleaved pairs (the inverse)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> Transformer:
@@ -276,25 +281,23 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None, eos_ids: 
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path | None = None,
             bos_id: int | None = None, eos_ids: list[int] = (), force: bool = False) -> Path:  # fmt: skip
     """Write config.json + model.safetensors (+ the tokenizer file) atomically into out_dir."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise LLMKitError(f"{out_dir} already exists; choose another folder or pass force=True / --force")
-    if not out_dir.parent.exists():
-        raise LLMKitError(f"folder {out_dir.parent} does not exist; create it first")
+    out_dir = check_output_path(out_dir, force, folder=True)
+    return write_folder_atomically(out_dir, lambda tmp: write_hf(model, tmp, tokenizer_path, bos_id, eos_ids))
+
+
+def write_hf(model: Transformer, folder: Path, tokenizer_path: str | Path | None = None,
+             bos_id: int | None = None, eos_ids: list[int] = ()) -> None:  # fmt: skip
+    """The files of `save_hf`, written straight into an existing folder."""
     state = {}
     for name, tensor in checkpoint_state(model).items():
         if model.args.tie_embeddings and name == "output.weight":
             continue
         state[ours_to_hf(name)] = tensor.detach().contiguous()
     config = hf_config(model.args, model.tok_embeddings.weight.dtype, bos_id, list(eos_ids))
-
-    def fill(tmp: Path) -> None:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer_path is not None:
-            shutil.copy(tokenizer_path, tmp / Path(tokenizer_path).name)
-
-    return write_folder_atomically(out_dir, fill)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_path is not None:
+        shutil.copy(tokenizer_path, folder / Path(tokenizer_path).name)
 
 
 def checkpoint_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -307,20 +310,6 @@ def checkpoint_state(model: Transformer) -> dict[str, torch.Tensor]:
         for w, part in zip(("wq", "wk", "wv"), tensor.split(sizes), strict=True):
             state[name.replace("wqkv", w)] = part
     return state
-
-
-def write_folder_atomically(out_dir: Path, fill) -> Path:
-    """Let `fill` write a temporary folder beside `out_dir`, then rename it into place: an interrupted
-    save never leaves a half-written model under the final name."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        fill(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 # ---- Meta -----------------------------------------------------------------------------------
@@ -364,3 +353,25 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return _build(args, state, folder)
+
+
+def save_meta(model: Transformer, folder: str | Path, force: bool = False) -> Path:
+    """Write a float model as Meta's params.json + consolidated.00.pth, the checkpoint ExecuTorch's export_llm
+    reads (its Llama rotates interleaved pairs, so q and k rows go back to Meta's order)."""
+    args, folder = model.args, check_output_path(folder, force, folder=True)
+    if args.rope_scaling or args.qkv_bias:
+        raise LLMKitError("this model uses RoPE scaling or q/k/v biases, which Meta's checkpoint format can't hold")
+    state = {name: t.detach().clone() for name, t in checkpoint_state(model).items()}  # tied output written out
+    for i in range(args.n_layers):
+        for w, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+            key = f"layers.{i}.attention.{w}.weight"
+            state[key] = halves_to_interleaved(state[key], heads)
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "hidden_dim": args.hidden_dim, "norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta}  # fmt: skip
+
+    def fill(tmp: Path) -> None:
+        torch.save(state, tmp / "consolidated.00.pth")
+        (tmp / "params.json").write_text(json.dumps(params))
+
+    return write_folder_atomically(folder, fill)

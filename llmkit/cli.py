@@ -1,13 +1,17 @@
-"""The `llmkit` command line, with torchchat's flag names.
+"""The `llmkit` command line, with torchchat's flag names: every subcommand, and nothing the library imports.
 
 Every user-fixable problem is an `LLMKitError`: one line on stderr, exit status 2, no traceback.
 """
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
-from llmkit import chat, hub
+from llmkit import hub
 from llmkit.errors import LLMKitError
+from llmkit.generate import LLM
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,8 +40,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pte-path", default=None, help="run an ExecuTorch .pte made by llmkit export")
 
 
-def load_from_args(args: argparse.Namespace):
-    from llmkit.generate import load
+def load_from_args(args: argparse.Namespace) -> LLM:
+    from llmkit.loading import load
 
     checkpoint, tokenizer = args.checkpoint_path, args.tokenizer_path
     if args.model:
@@ -59,14 +63,14 @@ def load_from_args(args: argparse.Namespace):
     return llm
 
 
-def llm_from_args(args: argparse.Namespace):
+def llm_from_args(args: argparse.Namespace) -> LLM:
     """The LLM the flags describe: a package, or a checkpoint optionally compiled."""
     if getattr(args, "aoti_package_path", None):
-        from llmkit.export import load_aoti
+        from llmkit.aoti import load_aoti
 
         return load_aoti(args.aoti_package_path, args.tokenizer_path)
     if getattr(args, "pte_path", None):
-        from llmkit.export import load_pte
+        from llmkit.executorch import load_pte
 
         return load_pte(args.pte_path, args.tokenizer_path)
     llm = load_from_args(args)
@@ -106,7 +110,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from llmkit.export import check_output_path, export_aoti, export_pte, non_delegated_ops
+    from llmkit.aoti import export_aoti
+    from llmkit.executorch import export_pte, non_delegated_ops
+    from llmkit.files import check_output_path
 
     outputs = [p for p in (args.output_aoti_package_path, args.output_pte_path) if p]
     if not outputs:
@@ -144,6 +150,69 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     out = run_sweep(args.sweep_file, args.results_dir)
     print((out / "summary.md").read_text())
     print(f"results in {out}/")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from llmkit.chat import chat_loop
+
+    chat_loop(llm_from_args(args), args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    model = hub.model_info(args.model)
+    print(f"downloading {model.alias} (about {model.size}) from https://huggingface.co/{model.repo} into "
+          f"{hub.constants.HF_HUB_CACHE}", file=sys.stderr)  # fmt: skip
+    files = hub.download(model.alias)
+    print(f"{model.alias} is ready; try `llmkit generate --model {model.alias}`", file=sys.stderr)
+    print(files.checkpoint)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    rows = hub.list_models()
+    width = max(len(row.alias) for row in rows)
+    repo_width = max(len(row.repo) for row in rows)
+    print(f"{'alias':<{width}}  {'repository':<{repo_width}}  {'size':>8}  downloaded")
+    for row in rows:
+        downloaded = ("yes" if row.downloaded else "no") + ("  (gated)" if row.gated else "")
+        print(f"{row.alias:<{width}}  {row.repo:<{repo_width}}  {row.size:>8}  {downloaded}")
+
+
+def cmd_where(args: argparse.Namespace) -> None:
+    print(hub.where(args.model))
+
+
+def cmd_remove(args: argparse.Namespace) -> None:
+    for path in hub.remove(args.model):
+        print(f"removed {path}", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from llmkit.train import TrainConfig, make_model, prepare_corpus
+
+    if args.stage == "prepare":
+        print(json.dumps(prepare_corpus(args.work, args.vocab_size), indent=2))
+        return
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    command = "llmkit " + " ".join(args.argv)
+    result = make_model(args.out, args.preset, cfg, args.vocab_size, command, prepared=args.data)
+    print(f"{args.out}: held-out perplexity {result['ppl']:.2f} (unigram {result['unigram']:.1f}), "
+          f"trained in {result['train_s']:.0f} s on {result['device']}")  # fmt: skip
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from llmkit.train import PRESETS, TrainConfig
+
+    p = sub.add_parser("train", help="train the kit's default model (pydoc-lm): corpus, tokenizer, model")
+    p.add_argument("stage", nargs="?", choices=["all", "prepare"], default="all")
+    p.add_argument("--work", type=Path, default=Path(".gpu"), help="prepare's output folder")
+    p.add_argument("--data", type=Path, default=None, help="train from a prepared folder")
+    p.add_argument("--out", type=Path, default=Path("data/pydoc-lm"), help="model folder to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.set_defaults(func=cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,13 +263,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results")
     p.set_defaults(func=cmd_sweep)
 
-    hub.register_cli(sub)
-    chat.register_cli(sub)
+    p = sub.add_parser("chat", help="talk with a model in its chat format (/reset starts over, /quit leaves)")
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt, kept when old turns are dropped")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+    for name, func, help in (
+        ("download", cmd_download, "download a model by alias into the Hugging Face cache"),
+        ("where", cmd_where, "print the folder in the cache that holds a downloaded model"),
+        ("remove", cmd_remove, "delete a downloaded model from the cache"),
+    ):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("model", metavar="ALIAS", help="a model name from `llmkit list`")
+        p.set_defaults(func=func)
+    p = sub.add_parser("list", help="the models known by name, and which are downloaded")
+    p.set_defaults(func=cmd_list)
+
+    add_train_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what the user typed, for records such as the model card
     try:
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:

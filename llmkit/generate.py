@@ -8,16 +8,16 @@ loop, so every stage of the road is measured and compared the same way.
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from llmkit.errors import LLMKitError
 from llmkit.model import Transformer
-from llmkit.tokenizer import StreamDecoder, Tokenizer
+from llmkit.sampling import check_sampling, sample
+from llmkit.tokenizer import Tokenizer
 
-Step = Callable[[Tensor, Tensor], Tensor]
+Step = Callable[[Tensor, Tensor], Tensor]  # (tokens [B, T], input_pos [T]) -> logits [B, T, vocab]
 
 
 @dataclass
@@ -52,32 +52,31 @@ class Generation:
     stats: Stats = field(default_factory=Stats)
 
 
-def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, rng: torch.Generator) -> int:
-    """Pick the next token from one row of logits: greedy at temperature 0, else from the
-    temperature-scaled distribution cut to the top k tokens and to the top-p probability mass."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float().cpu() / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # mass before this token already > p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs, 1, generator=rng))
+class StreamDecoder:
+    """Turns generated ids, one at a time, into the text to print.
 
+    Decoding each id alone is wrong twice over: SentencePiece drops the leading space of the first piece it
+    decodes, and one character can be split over several byte tokens. So push() decodes the ids with a few
+    ids of context before them (the prompt's at first), with and without the ids not yet printed, and returns
+    the difference; while that ends in U+FFFD, an incomplete UTF-8 character, it returns "" and waits.
+    The context window moves along, so each push costs the same however long the text gets (the
+    "prefix/read offset" scheme of Hugging Face's text-generation-inference and vLLM).
+    """
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise LLMKitError(f"temperature must be 0 (greedy) or more, not {temperature}")
-    if top_k is not None and top_k < 1:
-        raise LLMKitError(f"top-k must be at least 1, not {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LLMKitError(f"top-p must be in (0, 1], not {top_p}")
-    if max_new_tokens < 1:
-        raise LLMKitError(f"max-new-tokens must be at least 1, not {max_new_tokens}")
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids)
+        self.printed = len(self.ids)  # ids[:printed] are already printed (or are the prompt)
+        self.context = max(0, self.printed - 5)  # decode from here: enough for the spaces to come out right
+
+    def push(self, id: int) -> str:
+        self.ids.append(id)
+        before = self.tokenizer.decode(self.ids[self.context : self.printed])
+        after = self.tokenizer.decode(self.ids[self.context :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.context, self.printed = self.printed, len(self.ids)
+        return after[len(before) :]
 
 
 class LLM:
@@ -86,20 +85,17 @@ class LLM:
     `model` is the eager `Transformer` where there is one (an exported program has none).
     """
 
-    def __init__(self, model: Transformer | None, tokenizer: Tokenizer, name: str = "model",
-                 step: Step | None = None, max_seq_len: int | None = None, device: str | None = None):  # fmt: skip
+    def __init__(self, model: Transformer | None, tokenizer: Tokenizer | None, name: str = "model",
+                 step: Step | None = None, max_seq_len: int | None = None, device: str | None = None,
+                 metadata: dict | None = None, buffers: dict[str, Tensor] | None = None):  # fmt: skip
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.step: Step = step if step is not None else model
-        self.compile_time = 0.0  # set by llmkit.compile
-        self.scheme: str | None = None  # set by llmkit.quantize
-        self.max_seq_len = max_seq_len or model.args.max_seq_len
+        self.max_seq_len: int = max_seq_len or model.args.max_seq_len
         self.device = torch.device(device) if device else model.tok_embeddings.weight.device
-
-    def chat(self, messages: Sequence[dict[str, str]], **options) -> Generation:
-        """Reply to a conversation in the model's chat format; see llmkit.chat.chat for the options."""
-        from llmkit.chat import chat
-
-        return chat(self, messages, **options)
+        self.compile_time = 0.0  # seconds the first, compiling calls took (llmkit.compile)
+        self.scheme: str | None = None  # the quantization scheme applied, as torchchat JSON (llmkit.quantize)
+        self.metadata: dict = metadata or {}  # what an exported package or program says of itself
+        self.buffers: dict[str, Tensor] = buffers or {}  # tensors the step's compiled code points at: kept alive here
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
@@ -159,55 +155,3 @@ class LLM:
         if out.tokens:
             out.stats.decode_time = time.perf_counter() - decode_start
         return out
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-DEFAULT_MODEL = DATA_DIR / "pydoc-lm"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LLMKitError("CUDA was asked for but this machine has no usable GPU; use --device cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise LLMKitError(f"unknown device {device!r}; use cpu or cuda")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise LLMKitError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def load(
-    checkpoint: str | Path = "default",
-    tokenizer: str | Path | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    max_seq_len: int | None = 2048,
-) -> LLM:
-    """Load a checkpoint (file, folder, or "default" for the kit's own model) and its tokenizer.
-
-    The tokenizer is looked for beside the checkpoint unless given. `max_seq_len` caps the context
-    (and so the KV cache and mask memory) of models trained for very long ones.
-    """
-    from llmkit.checkpoint import load_checkpoint
-    from llmkit.tokenizer import find_tokenizer, load_tokenizer
-
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    path = DEFAULT_MODEL if str(checkpoint) == "default" else Path(checkpoint)
-    model = load_checkpoint(path, max_seq_len=max_seq_len)
-    if tokenizer is None:
-        tokenizer = find_tokenizer(path if path.is_dir() else path.parent)
-        if tokenizer is None:
-            raise LLMKitError(f"no tokenizer found beside {path}; pass --tokenizer-path")
-    tok = load_tokenizer(tokenizer)
-    if tok.vocab_size > model.args.vocab_size:
-        raise LLMKitError(
-            f"the tokenizer {tokenizer} has {tok.vocab_size} tokens but the model knows {model.args.vocab_size}: "
-            "it is not this model's tokenizer; pass the right --tokenizer-path"
-        )
-    model = model.to(device=torch_device, dtype=torch_dtype)
-    model.setup_buffers()
-    return LLM(model, tok, name=path.stem if path.is_file() else path.name)

@@ -15,12 +15,10 @@ models.json (or of the JSON file that $LLMKIT_MODELS names, for your own aliases
     gated           whether the Hub asks you to accept a licence first
 """
 
-import argparse
 import difflib
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -291,51 +289,3 @@ def remove(alias: str, cache_dir: str | Path | None = None) -> list[Path]:
     if not deleted:
         raise LLMKitError(f"{model.alias} is not downloaded; there is nothing to remove")
     return deleted
-
-
-# ---- command line ---------------------------------------------------------------------------
-
-
-def _cmd_download(args: argparse.Namespace) -> None:
-    model = model_info(args.model)
-    cache = constants.HF_HUB_CACHE
-    print(
-        f"downloading {model.alias} (about {model.size}) from https://huggingface.co/{model.repo} into {cache}",
-        file=sys.stderr,
-    )
-    files = download(model.alias)
-    print(f"{model.alias} is ready; try `llmkit generate --model {model.alias}`", file=sys.stderr)
-    print(files.checkpoint)
-
-
-def _cmd_list(args: argparse.Namespace) -> None:
-    rows = list_models()
-    width = max(len(row.alias) for row in rows)
-    repo_width = max(len(row.repo) for row in rows)
-    print(f"{'alias':<{width}}  {'repository':<{repo_width}}  {'size':>8}  downloaded")
-    for row in rows:
-        downloaded = ("yes" if row.downloaded else "no") + ("  (gated)" if row.gated else "")
-        print(f"{row.alias:<{width}}  {row.repo:<{repo_width}}  {row.size:>8}  {downloaded}")
-
-
-def _cmd_where(args: argparse.Namespace) -> None:
-    print(where(args.model))
-
-
-def _cmd_remove(args: argparse.Namespace) -> None:
-    for path in remove(args.model):
-        print(f"removed {path}", file=sys.stderr)
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add torchchat's model commands: `llmkit download|list|where|remove`."""
-    for name, func, help in (
-        ("download", _cmd_download, "download a model by alias into the Hugging Face cache"),
-        ("where", _cmd_where, "print the folder in the cache that holds a downloaded model"),
-        ("remove", _cmd_remove, "delete a downloaded model from the cache"),
-    ):
-        p = subparsers.add_parser(name, help=help)
-        p.add_argument("model", metavar="ALIAS", help="a model name from `llmkit list`")
-        p.set_defaults(func=func)
-    p = subparsers.add_parser("list", help="the models known by name, and which are downloaded")
-    p.set_defaults(func=_cmd_list)

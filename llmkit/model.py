@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmkit.errors import LLMKitError
+
 
 @dataclass
 class ModelArgs:
@@ -216,3 +218,36 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(args, dtype=dtype).to(device)
+
+
+# Architectures of well-known models, to measure speed with random weights and no download.
+SHAPES = {
+    "stories15M": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768),
+    "stories110M": ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048),
+    "llama-3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                              rope_theta=500000.0, tie_embeddings=True),  # fmt: skip
+    "llama-2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008),
+    "llama-3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                            rope_theta=500000.0),  # fmt: skip
+}
+
+
+def shape_args(name: str, max_seq_len: int) -> ModelArgs:
+    """The arguments of a known architecture (`SHAPES`) with the context cut to `max_seq_len`."""
+    if name not in SHAPES:
+        raise LLMKitError(f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}")
+    return ModelArgs(**{**SHAPES[name].to_dict(), "max_seq_len": max_seq_len})
+
+
+def random_model(args: ModelArgs, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0, std: float = 0.02) -> Transformer:  # fmt: skip
+    """A model of the given shape with small random weights, built directly on the device."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    model = model.to(dtype).eval()
+    model.setup_buffers()
+    return model

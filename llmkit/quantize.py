@@ -19,9 +19,8 @@ the same scheme needs different kernels (and so tensor layouts) on a CPU and on 
 
 Steps run in the order precision, embedding, linear, whatever the order of the JSON. A group size of 0
 means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
-bfloat16 model: with float32 activations torchao's CPU int4 kernel ran a 4x255-token forward 17x slower.
-On a GPU, int4 takes tinygemm's packing because at one token it was the fastest int4 kernel torchao can
-call: on an H100, its MSLK formats (`plain`, `preshuffled`) took 1.5-2.3x as long (notebook 08).
+bfloat16 model (torchao's CPU int4 kernel is slow with float32 activations); on a GPU, int4 takes
+tinygemm's packing, the fastest int4 kernel torchao calls at one token (notebook 08 measures both).
 """
 
 import dataclasses
@@ -37,9 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from llmkit.checkpoint import write_folder_atomically
+from llmkit.devices import DTYPES, resolve_device
 from llmkit.errors import LLMKitError, first_line
-from llmkit.generate import DTYPES, LLM, resolve_device
+from llmkit.files import check_output_path, write_folder_atomically
+from llmkit.generate import LLM
 from llmkit.model import ModelArgs, Transformer
 
 
@@ -83,7 +83,7 @@ SAVED_FORMAT = "llmkit.quantized/1"
 
 
 @dataclasses.dataclass(frozen=True)
-class Step:
+class SchemeEntry:
     """One key of a scheme with its parameters, defaults filled in."""
 
     key: str
@@ -121,7 +121,7 @@ def _read_scheme(text: str) -> dict:
     raise LLMKitError(f"unknown scheme {text!r}: use a preset ({names}), torchchat JSON or a JSON file's path")
 
 
-def parse_scheme(text: str | Path) -> list[Step]:
+def parse_scheme(text: str | Path) -> list[SchemeEntry]:
     """A preset, JSON or JSON file as the steps to run, checked for everything that needs no model."""
     text = str(text)
     scheme = _read_scheme(text)
@@ -138,7 +138,7 @@ def parse_scheme(text: str | Path) -> list[Step]:
         missing = [p for p, default in KEYS[key].items() if default is None and p not in params]
         if missing:
             raise LLMKitError(f"scheme {text!r}: {key} needs {missing[0]!r}")
-        steps.append(Step(key, {**KEYS[key], **params}))
+        steps.append(SchemeEntry(key, {**KEYS[key], **params}))
     for step in steps:
         _check_params(text, step)
     linear = [s.key for s in steps if s.key.startswith("linear:")]
@@ -149,7 +149,7 @@ def parse_scheme(text: str | Path) -> list[Step]:
     return sorted(steps, key=lambda s: list(KEYS).index(s.key))
 
 
-def _check_params(text: str, step: Step) -> None:
+def _check_params(text: str, step: SchemeEntry) -> None:
     p = step.params
     if "dtype" in p and p["dtype"] not in DTYPES:
         raise LLMKitError(f"scheme {text!r}: unknown dtype {p['dtype']!r}; use one of {', '.join(DTYPES)}")
@@ -163,7 +163,7 @@ def _check_params(text: str, step: Step) -> None:
             raise LLMKitError(f"scheme {text!r}: {step.key} groupsize {g!r} is not valid; use {use}")
 
 
-def scheme_text(steps: list[Step]) -> str:
+def scheme_text(steps: list[SchemeEntry]) -> str:
     """The steps as one line of torchchat JSON: how a quantized model records what was done to it."""
     return json.dumps({s.key: s.params for s in steps})
 
@@ -171,7 +171,7 @@ def scheme_text(steps: list[Step]) -> str:
 # ---- applying --------------------------------------------------------------------------------
 
 
-def _config(step: Step, device: torch.device, dtype: torch.dtype, scheme: str):
+def _config(step: SchemeEntry, device: torch.device, dtype: torch.dtype, scheme: str):
     """The torchao config that runs `step` on `device`; LLMKitError with the alternative where none does."""
     from torchao.quantization import (
         Float8WeightOnlyConfig,
@@ -237,13 +237,13 @@ def _config(step: Step, device: torch.device, dtype: torch.dtype, scheme: str):
     raise AssertionError(key)
 
 
-def _block(step: Step) -> tuple[int, int]:
+def _block(step: SchemeEntry) -> tuple[int, int]:
     """(rows, columns) that each weight's shape must be a multiple of: the quantization block."""
     g = step.params.get("groupsize") or 1
     return {"linear:mxfp4": (1, 32), "linear:nvfp4": (16, 16), "linear:int4": (16, g)}.get(step.key, (1, g))
 
 
-def _check_shapes(modules: dict[str, nn.Module], step: Step, scheme: str) -> None:
+def _check_shapes(modules: dict[str, nn.Module], step: SchemeEntry, scheme: str) -> None:
     rows, cols = _block(step)
     for name, module in modules.items():
         out_features, in_features = module.weight.shape
@@ -284,8 +284,7 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
     if model is None:
         raise LLMKitError(f"{llm.name} has no eager model to quantize (it was exported); load the checkpoint")
     if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
-        scheme_done = getattr(llm, "scheme", None)
-        raise LLMKitError(f"{llm.name} is already quantized ({scheme_done}); load the float model and quantize that")
+        raise LLMKitError(f"{llm.name} is already quantized ({llm.scheme}); load the float model and quantize that")
     steps = parse_scheme(scheme)
     text = str(scheme)
     target = resolve_device(device) if device is not None else llm.device
@@ -346,17 +345,13 @@ def save(llm: LLM, out_dir: str | Path, force: bool = False) -> Path:
     runs on load; safetensors would need an encoding of each tensor type's attributes of our own.
     The file is `model_size` plus the zip container's few hundred bytes per inner tensor.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise LLMKitError(f"{out_dir} already exists; choose another folder or pass force=True")
-    if not out_dir.parent.is_dir():
-        raise LLMKitError(f"folder {out_dir.parent} does not exist; create it first")
+    out_dir = check_output_path(out_dir, force, folder=True)
     if llm.model is None:
         raise LLMKitError(f"{llm.name} has no eager model to save (it was exported); save before exporting")
     payload = {
         "format": SAVED_FORMAT,
         "args": llm.model.args.to_dict(),
-        "scheme": getattr(llm, "scheme", None),
+        "scheme": llm.scheme,
         "state_dict": llm.model.state_dict(),
     }
     tokenizer = Path(llm.tokenizer.path)

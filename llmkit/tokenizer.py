@@ -5,8 +5,7 @@
     huggingface    tokenizer.json             most Hugging Face repos (via `tokenizers`)
     tiktoken       tokenizer.model            Llama 3 (base64 "token rank" lines, via `tiktoken`)
 
-`load_tokenizer(path)` picks the kind from the file's content; `StreamDecoder` turns a stream of generated
-ids into printable text.
+`load_tokenizer(path)` picks the kind from the file's content.
 """
 
 from __future__ import annotations
@@ -447,34 +446,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise LLMKitError(
         f"unrecognised tokenizer file: {path} (not SentencePiece, tiktoken, JSON or llama2.c); pass a {_NAMES}"
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# streaming
-
-
-class StreamDecoder:
-    """Turns generated ids, one at a time, into the text to print.
-
-    Decoding each id alone is wrong twice over: SentencePiece drops the leading space of the first piece it
-    decodes, and one character can be split over several byte tokens. So push() decodes the ids with a few
-    ids of context before them (the prompt's at first), with and without the ids not yet printed, and returns
-    the difference; while that ends in U+FFFD, an incomplete UTF-8 character, it returns "" and waits.
-    The context window moves along, so each push costs the same however long the text gets (the
-    "prefix/read offset" scheme of Hugging Face's text-generation-inference and vLLM).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)
-        self.printed = len(self.ids)  # ids[:printed] are already printed (or are the prompt)
-        self.context = max(0, self.printed - 5)  # decode from here: enough for the spaces to come out right
-
-    def push(self, id: int) -> str:
-        self.ids.append(id)
-        before = self.tokenizer.decode(self.ids[self.context : self.printed])
-        after = self.tokenizer.decode(self.ids[self.context :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.context, self.printed = self.printed, len(self.ids)
-        return after[len(before) :]

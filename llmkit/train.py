@@ -6,20 +6,16 @@ machine and the model trained on another (a GPU):
     prepare: corpus -> SentencePiece BPE tokenizer -> token ids (.npy) + corpus.json
     fit:     token ids -> Llama model (AdamW, warm-up + cosine decay) -> Hugging Face folder
 
-    python -m llmkit.train --out data/pydoc-lm                      # both, here
-    python -m llmkit.train prepare --work .gpu                      # stage 1 only
-    python -m llmkit.train --data .gpu --out OUT --device cuda      # stage 2 from stage 1's folder
+    llmkit train --out data/pydoc-lm                      # both, here
+    llmkit train prepare --work .gpu                      # stage 1 only
+    llmkit train --data .gpu --out OUT --device cuda      # stage 2 from stage 1's folder
 """
 
-import argparse
 import dataclasses
 import io
 import json
 import math
-import os
 import platform
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,9 +29,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmkit import data
-from llmkit.checkpoint import save_hf
+from llmkit.checkpoint import write_hf
 from llmkit.evaluate import score_ids, unigram_perplexity_of_ids
+from llmkit.files import write_folder_atomically
 from llmkit.model import ModelArgs, Transformer
+from llmkit.tokenizer import load_tokenizer
 
 PRESETS = {  # vocab_size is taken from the tokenizer
     "default": ModelArgs(dim=256, n_layers=8, n_heads=8, n_kv_heads=2, hidden_dim=768, max_seq_len=512,
@@ -80,10 +78,8 @@ def train_tokenizer(text: str, path: Path, vocab_size: int = 4096) -> Path:
     return path
 
 
-def prepare(work: Path, vocab_size: int = 4096) -> dict:
+def prepare_corpus(work: Path, vocab_size: int = 4096) -> dict:
     """Build the corpus, train the tokenizer on the training split and save both splits as token ids."""
-    from llmkit.tokenizer import load_tokenizer
-
     work.mkdir(parents=True, exist_ok=True)
     train_docs, heldout_docs = data.split(data.build_corpus())
     tokenizer = load_tokenizer(train_tokenizer(data.join(train_docs), work / "tokenizer.model", vocab_size))
@@ -246,8 +242,8 @@ and its perplexity on unseen text rises. Training took {train_s:.0f} s on {devic
 
     {command}
 
-after `python -m llmkit.train prepare --work DIR` made the tokenizer and token ids with Python
-{python}. `python -m llmkit.train --out data/pydoc-lm --device cuda` does both in one go.
+after `llmkit train prepare --work DIR` made the tokenizer and token ids with Python
+{python}. `llmkit train --out data/pydoc-lm --device cuda` does both in one go.
 
 ## Evaluation
 
@@ -290,21 +286,14 @@ def file_table(folder: Path) -> str:
 def write_model(model: Transformer, work: Path, out: Path, stats: dict, cfg: TrainConfig, run: dict) -> Path:
     """The model folder with its card, built beside `out` and renamed into place (replacing it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        folder = save_hf(model, tmp / "model", tokenizer_path=work / "tokenizer.model",
-                         bos_id=stats["bos_id"], eos_ids=stats["eos_ids"])  # fmt: skip
+
+    def fill(folder: Path) -> None:
+        write_hf(model, folder, tokenizer_path=work / "tokenizer.model", bos_id=stats["bos_id"],
+                 eos_ids=stats["eos_ids"])  # fmt: skip
         card = model_card(model, stats, cfg, {**run, "files": file_table(folder)})
         (folder / "README.md").write_text(card)
-        folder.chmod(0o755)
-        for f in folder.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            os.replace(out, tmp / "old")
-        os.replace(folder, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder_atomically(out, fill)
 
 
 def train_from(work: Path, out: Path, preset: str, cfg: TrainConfig, command: str) -> dict:
@@ -325,34 +314,11 @@ def train_from(work: Path, out: Path, preset: str, cfg: TrainConfig, command: st
     return {**run, "history": history, "unigram": stats["unigram_perplexity"]}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llmkit.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", nargs="?", choices=["all", "prepare"], default="all")
-    p.add_argument("--work", type=Path, default=Path(".gpu"), help="prepare's output folder")
-    p.add_argument("--data", type=Path, default=None, help="train from a prepared folder")
-    p.add_argument("--out", type=Path, default=Path("data/pydoc-lm"), help="model folder to write")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    for f in dataclasses.fields(TrainConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    a = parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
-    if a.stage == "prepare":
-        print(json.dumps(prepare(a.work, a.vocab_size), indent=2))
-        return
-    command = "python -m llmkit.train " + " ".join(sys.argv[1:] if argv is None else argv)
+def make_model(out: Path, preset: str, cfg: TrainConfig, vocab_size: int, command: str,
+               prepared: Path | None = None) -> dict:  # fmt: skip
+    """Both stages: prepare the corpus in a scratch folder (or use `prepared`), then train into `out`."""
     with tempfile.TemporaryDirectory() as scratch:
-        work = a.data or Path(scratch)
-        if a.data is None:
-            prepare(work, a.vocab_size)
-        result = train_from(work, a.out, a.preset, cfg, command)
-    print(f"{a.out}: held-out perplexity {result['ppl']:.2f} (unigram {result['unigram']:.1f}), "
-          f"trained in {result['train_s']:.0f} s on {result['device']}")  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()
+        work = prepared or Path(scratch)
+        if prepared is None:
+            prepare_corpus(work, vocab_size)
+        return train_from(work, out, preset, cfg, command)

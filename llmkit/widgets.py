@@ -42,33 +42,17 @@ def tokens_html(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling distributions, for the plots
+# The next-token distribution, for the plots
 
 
 @torch.inference_mode()
 def prompt_logits(llm: LLM, prompt: str) -> Tensor:
     """The model's logits after each prefix of the prompt, [tokens, vocab]: row i scores the token that follows
-    the first i + 1, so the last row is the next-token distribution that every sampling setting reshapes."""
+    the first i + 1, so the last row is the next-token distribution that every sampling setting reshapes
+    (`llmkit.sampling.probabilities`)."""
     ids = llm.encode_prompt(prompt)
     logits = llm.step(torch.tensor([ids], device=llm.device), torch.arange(len(ids), device=llm.device))
     return logits[0].float().cpu()
-
-
-def sampling_probs(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    """The distribution `llmkit.generate.sample` draws from for these settings (all mass on the argmax at
-    temperature 0), so a plot shows exactly what generation does; the notebook checks the two agree."""
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.numel():
-        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs > top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        probs = probs / probs.sum()  # multinomial renormalises; the plot should too
-    return probs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,7 +192,7 @@ class ChatBox(Panel):
         self._show()
 
 
-def chat(
+def chat_box(
     llm: LLM, temperature: float = 0.8, top_p: float = 0.9, max_new_tokens: int = 64, seed: int | None = None
 ) -> ChatBox:
     """A chat box for JupyterLab, starting with these slider settings; a seed makes its replies repeatable."""

@@ -15,8 +15,8 @@ from llmkit.chat import (
     LLAMA3_TEMPLATE,
     chat,
     chat_loop,
+    drop_oldest_turns,
     encode_chat,
-    fit,
     render,
     special_tokens,
     template_for,
@@ -269,11 +269,11 @@ def chatml(tmp_path):
 def test_fit_drops_oldest_turns_and_keeps_the_system_prompt(chatml):
     history = [SYSTEM, *TURNS, {"role": "assistant", "content": "Sitting."}, {"role": "user", "content": "Why?"}]
     everything = len(encode_chat(chatml, history, CHATML_TEMPLATE))
-    assert fit(chatml, history, CHATML_TEMPLATE, everything)[0] == history
-    kept, ids = fit(chatml, history, CHATML_TEMPLATE, everything - 1)
+    assert drop_oldest_turns(chatml, history, CHATML_TEMPLATE, everything)[0] == history
+    kept, ids = drop_oldest_turns(chatml, history, CHATML_TEMPLATE, everything - 1)
     assert kept == [SYSTEM, *history[3:]]  # the first user/assistant turn went
     assert ids == encode_chat(chatml, kept, CHATML_TEMPLATE)
-    assert fit(chatml, history, CHATML_TEMPLATE, 1)[0] == [SYSTEM, history[-1]]  # never the question itself
+    assert drop_oldest_turns(chatml, history, CHATML_TEMPLATE, 1)[0] == [SYSTEM, history[-1]]  # never the question itself
 
 
 class ScriptedLLM:

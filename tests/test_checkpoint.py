@@ -6,17 +6,11 @@ import struct
 import pytest
 import torch
 
-from llmkit.checkpoint import checkpoint_state, interleaved_to_halves, load_checkpoint
+from llmkit.checkpoint import checkpoint_state, halves_to_interleaved, interleaved_to_halves, load_checkpoint
 from llmkit.errors import LLMKitError
 from llmkit.model import ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=100, hidden_dim=96, max_seq_len=64)
-
-
-def halves_to_interleaved(w, n_heads):
-    """The inverse of the loader's permutation: how llama2.c and Meta files store q and k."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def test_permutation_round_trip():

@@ -13,11 +13,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from llmkit.aoti import export_aoti, export_program, load_aoti
 from llmkit.checkpoint import save_hf
-from llmkit.compile import OneRowProductsAsLoops, compile
+from llmkit.compile import compile
 from llmkit.errors import LLMKitError
-from llmkit.export import export_aoti, export_program, load_aoti
-from llmkit.generate import load
+from llmkit.graph_passes import OneRowProductsAsLoops
+from llmkit.loading import load
 from llmkit.model import ModelArgs, Transformer
 
 RUNNER = Path(__file__).resolve().parents[1] / "runner" / "build" / "llmkit-run"
@@ -222,8 +223,8 @@ def test_a_ninth_model_still_compiles():
     """Dynamo keeps at most 8 compiled versions of a function; each LLM gets its own copy of the step."""
     import warnings
 
-    from llmkit.bench import random_model
     from llmkit.generate import LLM
+    from llmkit.model import random_model
 
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=16)
     with warnings.catch_warnings():

@@ -17,7 +17,7 @@ from llmkit.checkpoint import load_checkpoint
 from llmkit.errors import LLMKitError
 from llmkit.evaluate import perplexity, read_text, unigram_perplexity
 from llmkit.model import ModelArgs, Transformer
-from llmkit.train import TrainConfig, lr_at, prepare, train_from
+from llmkit.train import TrainConfig, lr_at, prepare_corpus, train_from
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "pydoc-lm"
 SHIPPED_FILES = ("README.md", "config.json", "model.safetensors", "tokenizer.model")
@@ -158,7 +158,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 def test_prepare_and_train_write_a_loadable_model(tmp_path):
     """The pipeline end to end with a tiny model and a few steps; the tokenizer is reproducible."""
-    stats = prepare(tmp_path / "work")
+    stats = prepare_corpus(tmp_path / "work")
     assert stats["vocab_size"] == 4096 and stats["unigram_perplexity"] > 100
     out = tmp_path / "model"
     out.mkdir()

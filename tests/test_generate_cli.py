@@ -8,7 +8,7 @@ import torch
 
 import llmkit
 from llmkit.cli import main
-from llmkit.generate import sample
+from llmkit.sampling import sample
 
 PUBLISHED = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "

@@ -14,10 +14,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llmkit.bench import random_model
 from llmkit.compile import compile
 from llmkit.generate import LLM
-from llmkit.model import ModelArgs
+from llmkit.model import ModelArgs, random_model
 from llmkit.quantize import quantize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,7 +1,6 @@
 """Models by alias through the real huggingface_hub cache code, offline: a cache laid out file by file the way
 huggingface_hub writes one, then resolve, load, generate and chat; and each failure's one-line message."""
 
-import argparse
 import hashlib
 import io
 import json
@@ -18,8 +17,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from llmkit import chat, hub
+from llmkit.cli import build_parser
 from llmkit.errors import LLMKitError
-from llmkit.generate import load
+from llmkit.loading import load
 
 PUBLISHED = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
@@ -62,11 +62,7 @@ def add_models(tmp_path: Path, monkeypatch, entries: dict) -> None:
 
 
 def run_cli(*argv: str) -> None:
-    parser = argparse.ArgumentParser(prog="llmkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    hub.register_cli(sub)
-    chat.register_cli(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.func(args)
 
 

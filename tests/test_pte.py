@@ -15,9 +15,9 @@ import sentencepiece as spm
 import torch
 from torch import nn
 
-from llmkit.checkpoint import load_checkpoint, save_hf
+from llmkit.checkpoint import load_checkpoint, save_hf, save_meta
 from llmkit.errors import LLMKitError
-from llmkit.export import (
+from llmkit.executorch import (
     TextRunner,
     check_pte,
     executorch_tokenizer,
@@ -26,11 +26,11 @@ from llmkit.export import (
     non_delegated_ops,
     pte_metadata,
     pte_tokenizer,
-    save_meta_checkpoint,
-    sha256,
     with_executorch_modules,
 )
-from llmkit.generate import LLM, load
+from llmkit.files import sha256
+from llmkit.generate import LLM
+from llmkit.loading import load
 from llmkit.model import Attention, ModelArgs, Transformer
 from llmkit.quantize import quantize
 from llmkit.tokenizer import load_tokenizer
@@ -218,7 +218,7 @@ def test_prompt_longer_than_the_context(fp32_pte):
 def test_meta_checkpoint_round_trip(tiny, tmp_path):
     """What export_llm reads: Meta's layout, q/k rows back in interleaved order; llmkit loads it to the same model."""
     llm = load(tiny)
-    again = load_checkpoint(save_meta_checkpoint(llm, tmp_path / "meta"), max_seq_len=ARGS.max_seq_len)
+    again = load_checkpoint(save_meta(llm, tmp_path / "meta"), max_seq_len=ARGS.max_seq_len)
     with torch.no_grad():
         assert torch.equal(again(tokens()), llm.model(tokens()))
 

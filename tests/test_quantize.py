@@ -11,9 +11,10 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from llmkit import numerics as nm
 from llmkit.errors import LLMKitError
 from llmkit.evaluate import perplexity
-from llmkit.generate import DEFAULT_MODEL, LLM, load
+from llmkit.generate import LLM
+from llmkit.loading import DEFAULT_MODEL, load
 from llmkit.model import ModelArgs, Transformer
-from llmkit.quantize import Step, load_quantized, model_size, parse_scheme, quantize, save
+from llmkit.quantize import SchemeEntry, load_quantized, model_size, parse_scheme, quantize, save
 from llmkit.tokenizer import load_tokenizer
 
 # dim 256 so that every preset's group size (up to 256) and block shape fits
@@ -71,9 +72,9 @@ def inner_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def test_presets_and_json_parse_to_ordered_steps(tmp_path):
-    assert parse_scheme("int4wo-64") == [Step("linear:int4", {"groupsize": 64})]
-    assert parse_scheme("mobile") == [Step("embedding", {"bitwidth": 4, "groupsize": 32}),
-                                      Step("linear:a8w4dq", {"groupsize": 256})]  # fmt: skip
+    assert parse_scheme("int4wo-64") == [SchemeEntry("linear:int4", {"groupsize": 64})]
+    assert parse_scheme("mobile") == [SchemeEntry("embedding", {"bitwidth": 4, "groupsize": 32}),
+                                      SchemeEntry("linear:a8w4dq", {"groupsize": 256})]  # fmt: skip
     text = '{"linear:int4": {"groupsize": 256}, "precision": {"dtype": "bfloat16"}}'
     assert parse_scheme(text) == parse_scheme("cuda")  # precision runs first whatever the JSON order
     (tmp_path / "scheme.json").write_text('{"linear:int8": {"groupsize": 0}}')
@@ -111,7 +112,7 @@ def test_group_size_must_divide_every_layer(stories):
 
 
 def test_int4_needs_rows_in_multiples_of_16():
-    from llmkit.bench import random_model
+    from llmkit.model import random_model
 
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, hidden_dim=128, max_seq_len=16)
     llm = LLM(random_model(args, torch.device("cpu"), torch.bfloat16), None, name="vocab 300")

@@ -14,7 +14,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 from llmkit.errors import LLMKitError
-from llmkit.tokenizer import StreamDecoder, Tokenizer, find_tokenizer, load_tokenizer
+from llmkit.generate import StreamDecoder
+from llmkit.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="session")

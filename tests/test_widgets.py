@@ -7,8 +7,8 @@ import torch
 
 import llmkit
 from llmkit import widgets
-from llmkit.generate import sample
-from llmkit.widgets import ChatBox, chat, numerics_explorer, prompt_logits, sampling_probs, tokens_html
+from llmkit.sampling import probabilities, sample
+from llmkit.widgets import ChatBox, chat_box, numerics_explorer, prompt_logits, tokens_html
 
 PROMPT = "The built-in function"
 
@@ -20,7 +20,7 @@ def llm() -> llmkit.LLM:
 
 @pytest.fixture
 def box(llm: llmkit.LLM) -> ChatBox:
-    box = chat(llm, temperature=0, max_new_tokens=24, seed=0)
+    box = chat_box(llm, temperature=0, max_new_tokens=24, seed=0)
     box.prompt.value = PROMPT
     return box
 
@@ -103,12 +103,12 @@ def test_tokens_html_shows_newlines_and_tabs() -> None:
     assert "\n" not in html and "\t" not in html and ">\u21b5<" in html and "> \u21e5<" in html
 
 
-def test_sampling_probs_is_what_sample_draws_from() -> None:
+def test_probabilities_are_what_sample_draws_from() -> None:
     logits = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 3
-    assert sampling_probs(logits, 0).tolist() == torch.nn.functional.one_hot(logits.argmax(), 64).float().tolist()
-    assert int((sampling_probs(logits, 1.0, top_k=5) > 0).sum()) == 5
+    assert probabilities(logits, 0).tolist() == torch.nn.functional.one_hot(logits.argmax(), 64).float().tolist()
+    assert int((probabilities(logits, 1.0, top_k=5) > 0).sum()) == 5
     for temperature, top_k, top_p in [(1.0, None, None), (0.7, 10, None), (1.3, None, 0.8), (1.0, 20, 0.5)]:
-        probs = sampling_probs(logits, temperature, top_k, top_p)
+        probs = probabilities(logits, temperature, top_k, top_p)
         rng = torch.Generator().manual_seed(1)
         draws = torch.tensor([sample(logits, temperature, top_k, top_p, rng) for _ in range(3000)])
         frequency = torch.bincount(draws, minlength=64) / len(draws)
@@ -118,7 +118,7 @@ def test_sampling_probs_is_what_sample_draws_from() -> None:
 
 
 def test_top_p_keeps_the_smallest_set_holding_p() -> None:
-    probs = sampling_probs(torch.tensor([0.5, 0.3, 0.15, 0.05]).log(), 1.0, top_p=0.75)
+    probs = probabilities(torch.tensor([0.5, 0.3, 0.15, 0.05]).log(), 1.0, top_p=0.75)
     assert torch.allclose(probs, torch.tensor([0.625, 0.375, 0, 0]))
 
 

@@ -1,24 +1,17 @@
-"""Export the model: AOTInductor `.pt2` packages (run from Python or C++ without Python) and
-ExecuTorch `.pte` programs (XNNPACK on a phone-sized CPU, run by ExecuTorch's runtime or LLM runner).
+"""ExecuTorch: the model as a `.pte` program with XNNPACK delegates, for a phone-sized CPU, run by
+ExecuTorch's runtime (Python bindings) or its C++ text LLM runner.
 
-`torch.export` captures the model's forward (tokens, input positions) with the KV cache as
-buffers, twice for a `.pt2`: once with a dynamic sequence length for the prompt (prefill) and once
-for one token (decode), which inductor compiles into fused one-row loops on a CPU (see
-`llmkit.compile`). The two compiled models are packaged together and, once loaded, share one set of
-KV cache tensors, so decode reads what prefill wrote. What a runner needs besides the graph (model arguments,
-tokenizer name and checksum, BOS/EOS ids, device, llmkit version) travels as package metadata
-(in a `.pte`, as constant methods).
+The model is rewritten with ExecuTorch's LLM custom ops (its KV cache update and attention) and norms
+XNNPACK delegates, as ExecuTorch's own `export_llm` does; one graph serves prefill and decode. What a
+runner needs besides the graph travels as constant methods (`get_max_seq_len`, `get_eos_ids`, ...).
 """
 
 import copy
-import hashlib
 import json
-import os
 import re
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmkit import __version__
-from llmkit.checkpoint import checkpoint_state
+from llmkit.artifacts import check_tokenizer, package_metadata, tokenizer_beside, write_with_tokenizer
 from llmkit.errors import LLMKitError, first_line
+from llmkit.files import check_output_path
 from llmkit.generate import LLM, Stats
 from llmkit.model import Attention, ModelArgs, RMSNorm, Transformer
 from llmkit.tokenizer import Tokenizer, load_tokenizer
@@ -37,153 +30,6 @@ from llmkit.tokenizer import Tokenizer, load_tokenizer
 if TYPE_CHECKING:
     from executorch.exir import ExecutorchProgramManager
     from executorch.runtime import Program
-
-FORMAT_VERSION = "2"  # bump when the package layout or metadata changes; 2: prefill and decode models
-AOTI_MODELS = ("prefill", "decode")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def check_output_path(path: str | Path, force: bool) -> Path:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise LLMKitError(f"folder {path.parent} does not exist; create it or choose another output path")
-    if path.exists() and not force:
-        raise LLMKitError(f"{path} already exists; pass --force to replace it")
-    return path
-
-
-def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedProgram:
-    """torch.export of forward(tokens [1, T], input_pos [T]), with 1 <= T < max_seq_len or T = 1."""
-    T = 1 if one_token else 2
-    example = (torch.zeros(1, T, dtype=torch.long, device=llm.device), torch.arange(T, device=llm.device))
-    seq = torch.export.Dim("seq", min=1, max=llm.max_seq_len - 1)
-    with torch.no_grad():
-        ep = torch.export.export(llm.model, example, dynamic_shapes=None if one_token else ({1: seq}, {0: seq}),
-                                 strict=False)  # fmt: skip
-    return ep.run_decompositions()  # makes the in-place cache update a buffer mutation
-
-
-def runner_metadata(llm: LLM) -> dict[str, str]:
-    """What a runner needs besides the graph. A model benchmarked with random weights has no tokenizer."""
-    tok, cache = llm.tokenizer, llm.model.layers[0].attention.kv_cache.k_cache
-    meta = {
-        "llmkit_format": FORMAT_VERSION,
-        "llmkit_version": __version__,
-        "torch_version": torch.__version__,
-        "device": llm.device.type,
-        "model_args": json.dumps(llm.model.args.to_dict()),
-        "max_seq_len": str(llm.max_seq_len),
-        "scheme": str(getattr(llm, "scheme", "none")),
-        "kv_cache_dtype": str(cache.dtype).removeprefix("torch."),
-        "kv_cache_shape": ",".join(map(str, cache.shape)),
-        "tokenizer_file": "",
-    }
-    if tok is not None:
-        meta.update(tokenizer_file=tok.path.name, tokenizer_sha256=sha256(tok.path), bos_id=str(tok.bos_id),
-                    eos_ids=",".join(map(str, tok.eos_ids)))  # fmt: skip
-    return meta
-
-
-def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
-    """Compile `llm`'s model ahead of time into a `.pt2` package of two models, prefill and decode,
-    written atomically.
-
-    Each model carries its own copy of the weights (the package is twice the size of one); the
-    decode model is what makes the package fast: with one token, a CPU's matmuls and attention
-    become fused loops. The tokenizer file is copied beside the package (same stem, its own suffix)
-    so the pair travels together; its checksum in the metadata catches a mismatched one.
-    """
-    from torch._inductor.package import package_aoti
-
-    from llmkit.compile import OneRowProductsAsLoops
-
-    path = check_output_path(path, force)
-    # the pass rewrites only products statically of one row: the decode model's, not the prefill's
-    options = {"aot_inductor.metadata": runner_metadata(llm), "aot_inductor.package": True,
-               "post_grad_custom_pre_pass": OneRowProductsAsLoops()}  # fmt: skip
-    files = {}
-    for name in AOTI_MODELS:
-        ep = export_program(llm, one_token=name == "decode")
-        files[name] = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options=options)
-    return write_atomically(llm, path, lambda tmp: package_aoti(tmp, files))
-
-
-def write_atomically(llm: LLM, path: Path, write: Callable[[str], object]) -> Path:
-    """Let `write` fill a temporary file beside `path`, copy the tokenizer beside it, then rename:
-    an interrupted export never leaves a half-written file under the final name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        if llm.tokenizer is not None:
-            tokenizer_beside(path, llm.tokenizer.path).write_bytes(llm.tokenizer.path.read_bytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def tokenizer_beside(package: Path, tokenizer_file: str | Path) -> Path:
-    return package.with_name(package.stem + ".tokenizer" + Path(tokenizer_file).suffix)
-
-
-def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
-    """Load a `.pt2` package as an `LLM` whose step runs the compiled model."""
-    path = Path(path)
-    if not path.is_file():
-        raise LLMKitError(f"AOTInductor package not found: {path}")
-    from torch._inductor.package import load_package
-
-    try:
-        runners = {name: load_package(str(path), name) for name in AOTI_MODELS}
-        meta = runners["decode"].get_metadata()
-    except Exception as e:  # a damaged zip, an older layout or another build surface as many types
-        raise LLMKitError(
-            f"{path} is not a loadable llmkit AOTInductor package ({first_line(e)}); export it again with llmkit export"
-        ) from None
-    if meta.get("llmkit_format") != FORMAT_VERSION:
-        raise LLMKitError(
-            f"{path} was made by another llmkit (package format {meta.get('llmkit_format', 'unknown')}, "
-            f"this llmkit reads {FORMAT_VERSION}); export it again with this version"
-        )
-    device = meta["device"]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LLMKitError(f"{path} was compiled for cuda but this machine has no GPU; export again with --device cpu")
-    tok = None
-    if meta["tokenizer_file"]:
-        tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, meta["tokenizer_file"])
-        if not tok_path.is_file():
-            raise LLMKitError(f"the package's tokenizer {tok_path} is missing; pass --tokenizer-path to the original")
-        if sha256(tok_path) != meta["tokenizer_sha256"]:
-            raise LLMKitError(f"{tok_path} is not the tokenizer {path} was exported with (checksum differs)")
-        tok = load_tokenizer(tok_path)
-    caches = share_kv_cache(runners, meta)
-
-    def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return runners["decode" if tokens.shape[1] == 1 else "prefill"](tokens, input_pos)
-
-    llm = LLM(None, tok, name=path.stem, step=step,
-              max_seq_len=int(meta["max_seq_len"]), device=device)  # fmt: skip
-    llm.metadata, llm.kv_cache = meta, caches  # the models hold raw pointers: the tensors live with llm
-    return llm
-
-
-def share_kv_cache(runners: dict, meta: dict[str, str]) -> dict[str, Tensor]:
-    """Give the prefill and decode models the same KV cache tensors, owned by the caller (user-managed)."""
-    shape = [int(n) for n in meta["kv_cache_shape"].split(",")]
-    device, dtype = torch.device(meta["device"]), getattr(torch, meta["kv_cache_dtype"])
-    caches = {name: torch.zeros(shape, dtype=dtype, device=device)
-              for name in runners["decode"].get_constant_fqns() if ".kv_cache." in name}  # fmt: skip
-    for runner in runners.values():
-        runner.load_constants(caches, check_full_update=False, user_managed=True)
-    return caches
-
-
-# ---- ExecuTorch .pte: XNNPACK on the CPU, run by ExecuTorch's runtime or its C++ LLM runner ----------
 
 PTE_FORMAT_VERSION = 1  # bump when the program's inputs, outputs or metadata methods change
 PTE_REQUIRED_METHODS = ("forward", "get_max_seq_len", "get_vocab_size")  # what load_pte and the runner need
@@ -317,7 +163,7 @@ def pte_metadata(llm: LLM) -> dict:
         "use_sdpa_with_kv_cache": True,
         "enable_dynamic_shape": True,
         "llmkit_format_version": PTE_FORMAT_VERSION,
-        "llmkit_metadata": bytes_tensor(json.dumps({**runner_metadata(llm), "llmkit_format": str(PTE_FORMAT_VERSION)})),
+        "llmkit_metadata": bytes_tensor(json.dumps(package_metadata(llm, str(PTE_FORMAT_VERSION)))),
     }
     if tok is not None:
         meta["get_eos_ids"] = tok.eos_ids
@@ -377,7 +223,7 @@ def export_pte(llm: LLM, path: str | Path, force: bool = False) -> Path:
         with open(tmp, "wb") as f:
             program.write_to_file(f)
 
-    return write_atomically(llm, path, write)
+    return write_with_tokenizer(llm, path, write)
 
 
 def non_delegated_ops(program: "str | Path | ExecutorchProgramManager") -> Counter:
@@ -444,17 +290,13 @@ def pte_tokenizer(path: Path, meta: dict, tokenizer: str | Path | None) -> tuple
         if not llmkit_meta["tokenizer_file"]:
             return None, llmkit_meta  # exported without one: random weights, benchmarks
     tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, llmkit_meta["tokenizer_file"])
-    if not tok_path.is_file():
-        raise LLMKitError(f"the program's tokenizer {tok_path} is missing; pass --tokenizer-path to the original file")
+    check_tokenizer(path, tok_path, (llmkit_meta or {}).get("tokenizer_sha256"))
     tok = load_tokenizer(tok_path)
     if tok.vocab_size > meta["get_vocab_size"]:
         raise LLMKitError(
             f"the tokenizer {tok_path} has {tok.vocab_size} tokens but {path} knows {meta['get_vocab_size']}: it is "
             "not this program's tokenizer; pass the right --tokenizer-path"
         )
-    expected = (llmkit_meta or {}).get("tokenizer_sha256")
-    if expected and sha256(tok_path) != expected:
-        raise LLMKitError(f"{tok_path} is not the tokenizer {path} was exported with (checksum differs)")
     return tok, llmkit_meta
 
 
@@ -475,9 +317,8 @@ def load_pte(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
         logits = method.execute([tokens, input_pos[:1] if start_only else input_pos])[0]
         return logits if logits.dim() == 3 else logits.unsqueeze(1)
 
-    llm = LLM(None, tok, name=path.stem, step=step, max_seq_len=meta["get_max_seq_len"], device="cpu")
-    llm.metadata = llmkit_meta or {}
-    return llm
+    return LLM(None, tok, name=path.stem, step=step, max_seq_len=meta["get_max_seq_len"], device="cpu",
+               metadata=llmkit_meta)  # fmt: skip
 
 
 def executorch_tokenizer(tok: Tokenizer, folder: Path) -> Path:
@@ -556,30 +397,3 @@ class TextRunner:
         llm_stats = Stats(prompt_tokens=s.num_prompt_tokens, new_tokens=len(pieces),
                           time_to_first_token=first / 1000, decode_time=end / 1000)  # fmt: skip
         return RunnerGeneration(join_pieces(pieces), len(pieces), llm_stats)
-
-
-def halves_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
-    """Reorder the rows of a q/k projection from halves RoPE back to Meta's interleaved pairs."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def save_meta_checkpoint(llm: LLM, folder: str | Path) -> Path:
-    """Write a float model as Meta's params.json + consolidated.00.pth, the checkpoint ExecuTorch's export_llm
-    reads (its Llama rotates interleaved pairs, so q and k rows go back to Meta's order)."""
-    model, folder = llm.model, Path(folder)
-    args = model.args
-    if args.rope_scaling or args.qkv_bias:
-        raise LLMKitError(f"{llm.name} uses RoPE scaling or q/k/v biases, which this converter does not write")
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().clone() for name, t in checkpoint_state(model).items()}  # tied output written out
-    for i in range(args.n_layers):
-        for w, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
-            key = f"layers.{i}.attention.{w}.weight"
-            state[key] = halves_to_interleaved(state[key], heads)
-    torch.save(state, folder / "consolidated.00.pth")
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-              "vocab_size": args.vocab_size, "hidden_dim": args.hidden_dim, "norm_eps": args.norm_eps,
-              "rope_theta": args.rope_theta}  # fmt: skip
-    (folder / "params.json").write_text(json.dumps(params))
-    return folder

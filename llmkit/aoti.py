@@ -1,0 +1,106 @@
+"""AOTInductor: the model compiled ahead of time into a `.pt2` package, run from Python or C++ without Python.
+
+`torch.export` captures the model's forward (tokens, input positions) with the KV cache as buffers,
+twice: once with a dynamic sequence length for the prompt (prefill) and once for one token (decode),
+which inductor compiles into fused one-row loops (`llmkit.graph_passes`). The two compiled models are
+packaged together and, once loaded, share one set of KV cache tensors, so decode reads what prefill
+wrote. What a runner needs besides the graph travels as package metadata (`llmkit.artifacts`).
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llmkit.artifacts import check_tokenizer, package_metadata, tokenizer_beside, write_with_tokenizer
+from llmkit.errors import LLMKitError, first_line
+from llmkit.files import check_output_path
+from llmkit.generate import LLM
+from llmkit.graph_passes import OneRowProductsAsLoops
+from llmkit.tokenizer import load_tokenizer
+
+FORMAT_VERSION = "2"  # bump when the package layout or metadata changes; 2: prefill and decode models
+AOTI_MODELS = ("prefill", "decode")
+
+
+def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedProgram:
+    """torch.export of forward(tokens [1, T], input_pos [T]), with 1 <= T < max_seq_len or T = 1."""
+    T = 1 if one_token else 2
+    example = (torch.zeros(1, T, dtype=torch.long, device=llm.device), torch.arange(T, device=llm.device))
+    seq = torch.export.Dim("seq", min=1, max=llm.max_seq_len - 1)
+    with torch.no_grad():
+        ep = torch.export.export(llm.model, example, dynamic_shapes=None if one_token else ({1: seq}, {0: seq}),
+                                 strict=False)  # fmt: skip
+    return ep.run_decompositions()  # makes the in-place cache update a buffer mutation
+
+
+def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
+    """Compile `llm`'s model ahead of time into a `.pt2` package of two models, prefill and decode,
+    written atomically.
+
+    Each model carries its own copy of the weights (the package is twice the size of one); the
+    decode model is what makes the package fast: with one token, a CPU's matmuls and attention
+    become fused loops. The tokenizer file is copied beside the package (same stem, its own suffix)
+    so the pair travels together; its checksum in the metadata catches a mismatched one.
+    """
+    from torch._inductor.package import package_aoti
+
+    if llm.model is None:
+        raise LLMKitError(f"{llm.name} has no eager model to export (it came from a package); load the checkpoint")
+    path = check_output_path(path, force)
+    # the pass rewrites only products statically of one row: the decode model's, not the prefill's
+    options = {"aot_inductor.metadata": package_metadata(llm, FORMAT_VERSION), "aot_inductor.package": True,
+               "post_grad_custom_pre_pass": OneRowProductsAsLoops()}  # fmt: skip
+    files = {}
+    for name in AOTI_MODELS:
+        ep = export_program(llm, one_token=name == "decode")
+        files[name] = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options=options)
+    return write_with_tokenizer(llm, path, lambda tmp: package_aoti(tmp, files))
+
+
+def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
+    """Load a `.pt2` package as an `LLM` whose step runs the compiled model."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMKitError(f"AOTInductor package not found: {path}")
+    from torch._inductor.package import load_package
+
+    try:
+        runners = {name: load_package(str(path), name) for name in AOTI_MODELS}
+        meta = runners["decode"].get_metadata()
+    except Exception as e:  # a damaged zip, an older layout or another build surface as many types
+        raise LLMKitError(
+            f"{path} is not a loadable llmkit AOTInductor package ({first_line(e)}); export it again with llmkit export"
+        ) from None
+    if meta.get("llmkit_format") != FORMAT_VERSION:
+        raise LLMKitError(
+            f"{path} was made by another llmkit (package format {meta.get('llmkit_format', 'unknown')}, "
+            f"this llmkit reads {FORMAT_VERSION}); export it again with this version"
+        )
+    device = meta["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LLMKitError(f"{path} was compiled for cuda but this machine has no GPU; export again with --device cpu")
+    tok = None
+    if meta["tokenizer_file"]:
+        tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, meta["tokenizer_file"])
+        check_tokenizer(path, tok_path, meta["tokenizer_sha256"])
+        tok = load_tokenizer(tok_path)
+    caches = share_kv_cache(runners, meta)
+
+    def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return runners["decode" if tokens.shape[1] == 1 else "prefill"](tokens, input_pos)
+
+    # the models hold raw pointers to the caches: the tensors live with the LLM
+    return LLM(None, tok, name=path.stem, step=step, max_seq_len=int(meta["max_seq_len"]), device=device,
+               metadata=meta, buffers=caches)  # fmt: skip
+
+
+def share_kv_cache(runners: dict, meta: dict[str, str]) -> dict[str, Tensor]:
+    """Give the prefill and decode models the same KV cache tensors, owned by the caller (user-managed)."""
+    shape = [int(n) for n in meta["kv_cache_shape"].split(",")]
+    device, dtype = torch.device(meta["device"]), getattr(torch, meta["kv_cache_dtype"])
+    caches = {name: torch.zeros(shape, dtype=dtype, device=device)
+              for name in runners["decode"].get_constant_fqns() if ".kv_cache." in name}  # fmt: skip
+    for runner in runners.values():
+        runner.load_constants(caches, check_full_update=False, user_managed=True)
+    return caches

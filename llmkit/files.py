@@ -1,0 +1,65 @@
+"""Writing what the user asked for without losing what was there: target checks and atomic writes."""
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from llmkit.errors import LLMKitError
+
+
+def check_output_path(path: str | Path, force: bool = False, folder: bool = False) -> Path:
+    """Refuse a target that can't be written, before any slow work: its folder missing or read-only, a
+    folder where a file goes (or a file where a folder goes), or something already there without `force`."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        want = "folder" if folder else "file"
+        raise LLMKitError(f"{path} is a {'folder' if path.is_dir() else 'file'}; give the path of a {want} to write")
+    if not path.parent.is_dir():
+        raise LLMKitError(f"folder {path.parent} does not exist; create it or choose another output path")
+    if not os.access(path.parent, os.W_OK):
+        raise LLMKitError(f"folder {path.parent} is not writable; choose another output path")
+    if path.exists() and not force:
+        raise LLMKitError(f"{path} already exists; choose another name or pass --force (force=True) to replace it")
+    return path
+
+
+def write_file_atomically(path: Path, write: Callable[[str], object]) -> Path:
+    """Let `write` fill a temporary file beside `path`, then rename it into place: an interrupted write
+    never leaves a half-written file under the final name."""
+    if path.is_dir():
+        raise LLMKitError(f"{path} is a folder; give the path of a file to write")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_folder_atomically(out_dir: Path, fill: Callable[[Path], object]) -> Path:
+    """Let `fill` write a temporary folder beside `out_dir`, then rename it into place (replacing what was
+    there): an interrupted save never leaves a half-written folder under the final name."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

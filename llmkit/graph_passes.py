@@ -1,0 +1,101 @@
+"""Inductor graph passes: a decode step's one-row products and one-query attention written as loops.
+
+`torch.compile` (llmkit.compile) and AOTInductor (llmkit.aoti) both run `OneRowProductsAsLoops` after
+inductor's own passes, so the same fused loops serve the compiled step and the exported package.
+"""
+
+import torch
+from torch import Tensor
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+_one_row_products = PatternMatcherPass()
+
+
+class OneRowProductsAsLoops(CustomGraphPass):
+    """Write a decode step's one-row products, its linear layers and its attention of one query, as
+    multiplies and sums, so that inductor makes them loops fused with their neighbours.
+
+    Left alone, inductor on a CPU calls a BLAS matmul for one row, which streams weights well below the
+    memory bandwidth (and for int8 weights first widens the whole matrix), and ATen's attention kernels,
+    built for long queries, spend most of a decode step's attention time on setup. On a GPU inductor
+    writes a one-row matmul as a reduction itself; the pass has its input computed once, in its own
+    16-bit dtype, rather than inside every output row's program. Notebook 08 measures each effect.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        _one_row_products.apply(graph)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))  # inductor's cache key: a changed pass recompiles
+
+
+def _is_one_row(x, dim: int = 0) -> bool:
+    val = x.meta.get("val")
+    return val is not None and statically_known_true(val.shape[dim] == 1)
+
+
+def _is_one_row_on_cpu(x, dim: int = 0) -> bool:
+    return _is_one_row(x, dim) and x.meta["val"].device.type == "cpu"
+
+
+@register_graph_pattern(
+    CallFunction(aten.sum.dim_IntList,
+                 CallFunction(aten.mul.Tensor, CallFunction(aten.unsqueeze.default, Arg(), 2),
+                              CallFunction(aten.unsqueeze.default, Arg(), 0)), [1]),
+    pass_dict=_one_row_products,
+    extra_check=lambda match: _is_one_row(match.args[0]),
+)  # fmt: skip
+def _one_row_reduction(match: Match, x, w) -> None:
+    """Inductor's own one-row matmul on a GPU, (x[:, :, None] * w[None]).sum(1): compute x once, and
+    keep it in its own 16-bit dtype, not the float32 the product is summed in, since every output row's
+    program reads all of x (for int8 weights, in float32, 4 times the weight's own bytes)."""
+    widened = x.target == torch.ops.prims.convert_element_type.default
+    if widened and x.args[0].meta["val"].dtype in (torch.bfloat16, torch.float16):
+        x = x.args[0]
+    x.meta["inductor_realize_to_strides"] = True
+
+
+def _matmul_of_one_row(x: Tensor, w: Tensor) -> Tensor:
+    return (x.float()[:, :, None] * w.float()[None]).sum(1)
+
+
+@register_graph_pattern(CallFunction(aten.mm.default, Arg(), Arg()), pass_dict=_one_row_products)
+def _one_row_mm(match: Match, x, w) -> None:
+    if _is_one_row_on_cpu(x):
+        x.meta["inductor_realize_to_strides"] = True  # computed once, not again inside every row's loop
+        match.replace_by_example(lambda x, w: _matmul_of_one_row(x, w).to(x.dtype), [x, w])
+
+
+@register_graph_pattern(CallFunction(aten.addmm.default, Arg(), Arg(), Arg()), pass_dict=_one_row_products)
+def _one_row_addmm(match: Match, bias, x, w) -> None:
+    if _is_one_row_on_cpu(x):
+        x.meta["inductor_realize_to_strides"] = True
+        match.replace_by_example(lambda b, x, w: (b.float() + _matmul_of_one_row(x, w)).to(x.dtype), [bias, x, w])
+
+
+@register_graph_pattern(
+    CallFunction(aten._scaled_dot_product_flash_attention_for_cpu.default, Arg(), Arg(), Arg(), attn_mask=Arg()),
+    pass_dict=_one_row_products,
+)
+@register_graph_pattern(  # the attention an H100 runs (query, key, value, mask, compute_log_sumexp)
+    CallFunction(aten._scaled_dot_product_cudnn_attention.default, Arg(), Arg(), Arg(), Arg(), False),
+    pass_dict=_one_row_products,
+)
+def _one_query_attention(match: Match, q, k, v, mask) -> None:
+    if _is_one_row(q, dim=2) and mask.meta["val"].shape[1:3] == (1, 1):  # one mask row for all heads
+        unused = (None,) * (len(match.output_node().meta["val"]) - 2)  # cuDNN's extra outputs, for training
+        match.replace_by_example(lambda *qkvm: _attention_of_one_query(*qkvm) + unused, [q, k, v, mask])
+
+
+def _attention_of_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d) + mask) v and its log-sum-exp, each group of query heads sharing a key head."""
+    B, H, _, D = q.shape
+    kv_heads = k.shape[1]
+    q = q.float().view(B, kv_heads, H // kv_heads, 1, D)
+    scores = (q * k.float()[:, :, None]).sum(-1) / D**0.5 + mask.float()  # [B, kv_heads, group, S]
+    lse = scores.logsumexp(-1, keepdim=True)
+    out = ((scores - lse).exp()[..., None] * v.float()[:, :, None]).sum(-2)
+    return out.view(B, H, 1, D).to(v.dtype), lse.view(B, H, 1)

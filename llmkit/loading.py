@@ -1,0 +1,42 @@
+"""From a checkpoint on disk to a ready `LLM`: the model, its tokenizer, the device and dtype."""
+
+from pathlib import Path
+
+from llmkit.checkpoint import load_checkpoint
+from llmkit.devices import resolve_device, resolve_dtype
+from llmkit.errors import LLMKitError
+from llmkit.generate import LLM
+from llmkit.tokenizer import find_tokenizer, load_tokenizer
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # what the kit ships: its model, benchmark results
+DEFAULT_MODEL = DATA_DIR / "pydoc-lm"
+
+
+def load(
+    checkpoint: str | Path = "default",
+    tokenizer: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_seq_len: int | None = 2048,
+) -> LLM:
+    """Load a checkpoint (file, folder, or "default" for the kit's own model) and its tokenizer.
+
+    The tokenizer is looked for beside the checkpoint unless given. `max_seq_len` caps the context
+    (and so the KV cache and mask memory) of models trained for very long ones.
+    """
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    path = DEFAULT_MODEL if str(checkpoint) == "default" else Path(checkpoint)
+    model = load_checkpoint(path, max_seq_len=max_seq_len)
+    if tokenizer is None:
+        tokenizer = find_tokenizer(path if path.is_dir() else path.parent)
+        if tokenizer is None:
+            raise LLMKitError(f"no tokenizer found beside {path}; pass --tokenizer-path")
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > model.args.vocab_size:
+        raise LLMKitError(
+            f"the tokenizer {tokenizer} has {tok.vocab_size} tokens but the model knows {model.args.vocab_size}: "
+            "it is not this model's tokenizer; pass the right --tokenizer-path"
+        )
+    model = model.to(device=torch_device, dtype=torch_dtype)
+    model.setup_buffers()
+    return LLM(model, tok, name=path.stem if path.is_file() else path.name)

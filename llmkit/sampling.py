@@ -1,0 +1,41 @@
+"""Choosing the next token: temperature, top-k and top-p (nucleus) applied to one row of logits."""
+
+import torch
+from torch import Tensor
+
+from llmkit.errors import LLMKitError
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise LLMKitError(f"temperature must be 0 (greedy) or more, not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise LLMKitError(f"top-k must be at least 1, not {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise LLMKitError(f"top-p must be in (0, 1], not {top_p}")
+    if max_new_tokens < 1:
+        raise LLMKitError(f"max-new-tokens must be at least 1, not {max_new_tokens}")
+
+
+def probabilities(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """The distribution the next token is drawn from: all mass on the argmax at temperature 0, else the
+    temperature-scaled softmax cut to the top k tokens and to the top-p probability mass, renormalised."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # mass before this token already > p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, rng: torch.Generator) -> int:
+    """Pick the next token from one row of logits: greedy at temperature 0, else drawn from `probabilities`."""
+    if temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(probabilities(logits.cpu(), temperature, top_k, top_p), 1, generator=rng))

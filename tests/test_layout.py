@@ -1,0 +1,80 @@
+"""The package's shape: imports go one way (no cycle, counting imports inside functions), the command line is
+imported by nothing in the library, and no module outgrows one job."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "llmkit"
+MAX_LINES = 450
+
+
+def modules() -> dict[str, ast.Module]:
+    return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.glob("*.py"))}
+
+
+def imported(tree: ast.Module, names: set[str]) -> set[str]:
+    """The llmkit modules a module imports anywhere in its body: at the top, in functions, under TYPE_CHECKING."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("llmkit.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "llmkit":
+            if node.module == "llmkit":  # from llmkit import data, numerics as nm
+                out |= {a.name for a in node.names if a.name in names}
+            else:
+                out.add(node.module.split(".")[1])
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    trees = modules()
+    return {name: imported(tree, set(trees)) - {name} for name, tree in trees.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph as the list of modules along it, or None (depth-first search with colours)."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_among_llmkit_modules():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_only_the_entry_points_import_the_command_line():
+    importers = {name for name, deps in import_graph().items() if "cli" in deps}
+    assert importers <= {"__main__"}, f"{sorted(importers)} import llmkit.cli; the library must not"
+
+
+def test_argparse_lives_in_the_command_line_only():
+    users = {name for name, tree in modules().items() if "argparse" in {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}}  # fmt: skip
+    assert users <= {"cli"}, f"{sorted(users)} use argparse; subcommands belong in llmkit/cli.py"
+
+
+def test_no_module_outgrows_one_job():
+    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
