@@ -1,16 +1,14 @@
 """llmkit: one Llama-family model, from a server GPU down to a phone-sized CPU, measured at every step."""
 
-from importlib.metadata import version
-
 from llmkit.compile import compile
 from llmkit.errors import LLMKitError
 from llmkit.evaluate import Perplexity, perplexity
 from llmkit.generate import LLM, Generation
 from llmkit.loading import load
 from llmkit.quantize import load_quantized, model_size, parse_scheme, quantize, save
+from llmkit.version import __version__
 
-__version__ = version("llmkit")
 __all__ = [
     "LLM", "Generation", "LLMKitError", "Perplexity", "compile", "load", "load_quantized", "model_size",
-    "parse_scheme", "perplexity", "quantize", "save",
+    "parse_scheme", "perplexity", "quantize", "save", "__version__",
 ]  # fmt: skip

@@ -7,17 +7,16 @@ packaged together and, once loaded, share one set of KV cache tensors, so decode
 wrote. What a runner needs besides the graph travels as package metadata (`llmkit.artifacts`).
 """
 
+import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from llmkit.artifacts import check_tokenizer, package_metadata, tokenizer_beside, write_with_tokenizer
+from llmkit.artifacts import check_targets, load_checked_tokenizer, package_metadata, write_with_tokenizer
 from llmkit.errors import LLMKitError, first_line
-from llmkit.files import check_output_path
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
-from llmkit.tokenizer import load_tokenizer
 
 FORMAT_VERSION = "2"  # bump when the package layout or metadata changes; 2: prefill and decode models
 AOTI_MODELS = ("prefill", "decode")
@@ -47,7 +46,7 @@ def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
 
     if llm.model is None:
         raise LLMKitError(f"{llm.name} has no eager model to export (it came from a package); load the checkpoint")
-    path = check_output_path(path, force)
+    path = check_targets(llm, path, force)
     # the pass rewrites only products statically of one row: the decode model's, not the prefill's
     options = {"aot_inductor.metadata": package_metadata(llm, FORMAT_VERSION), "aot_inductor.package": True,
                "post_grad_custom_pre_pass": OneRowProductsAsLoops()}  # fmt: skip
@@ -82,9 +81,8 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
         raise LLMKitError(f"{path} was compiled for cuda but this machine has no GPU; export again with --device cpu")
     tok = None
     if meta["tokenizer_file"]:
-        tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, meta["tokenizer_file"])
-        check_tokenizer(path, tok_path, meta["tokenizer_sha256"])
-        tok = load_tokenizer(tok_path)
+        vocab_size = json.loads(meta["model_args"])["vocab_size"]
+        tok = load_checked_tokenizer(path, tokenizer, meta["tokenizer_file"], vocab_size, meta["tokenizer_sha256"])
     caches = share_kv_cache(runners, meta)
 
     def step(tokens: Tensor, input_pos: Tensor) -> Tensor:

@@ -2,15 +2,16 @@
 
 import json
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 from llmkit.devices import dtype_name
 from llmkit.errors import LLMKitError
-from llmkit.files import sha256, write_file_atomically
+from llmkit.files import check_output_path, sha256, write_file_atomically
 from llmkit.generate import LLM
+from llmkit.tokenizer import Tokenizer, load_tokenizer
+from llmkit.version import __version__
 
 
 def package_metadata(llm: LLM, format_version: str) -> dict[str, str]:
@@ -18,7 +19,7 @@ def package_metadata(llm: LLM, format_version: str) -> dict[str, str]:
     tok, cache = llm.tokenizer, llm.model.layers[0].attention.kv_cache.k_cache
     meta = {
         "llmkit_format": format_version,
-        "llmkit_version": version("llmkit"),
+        "llmkit_version": __version__,
         "torch_version": torch.__version__,
         "device": llm.device.type,
         "model_args": json.dumps(llm.model.args.to_dict()),
@@ -39,6 +40,14 @@ def tokenizer_beside(artifact: Path, tokenizer_file: str | Path) -> Path:
     return artifact.with_name(artifact.stem + ".tokenizer" + Path(tokenizer_file).suffix)
 
 
+def check_targets(llm: LLM, path: str | Path, force: bool) -> Path:
+    """Check, before the slow part, that the artifact and the tokenizer copy beside it may be written."""
+    path = check_output_path(path, force)
+    if llm.tokenizer is not None:
+        check_output_path(tokenizer_beside(path, llm.tokenizer.path), force)
+    return path
+
+
 def write_with_tokenizer(llm: LLM, path: Path, write: Callable[[str], object]) -> Path:
     """Write the artifact atomically and copy `llm`'s tokenizer beside it (before the artifact takes its
     name), so the pair travels together."""
@@ -52,9 +61,19 @@ def write_with_tokenizer(llm: LLM, path: Path, write: Callable[[str], object]) -
     return write_file_atomically(path, write_both)
 
 
-def check_tokenizer(artifact: Path, tok_path: Path, expected_sha256: str | None) -> None:
-    """The tokenizer file must exist and, where the metadata names its checksum, be the one exported with."""
+def load_checked_tokenizer(artifact: Path, given: str | Path | None, tokenizer_file: str, vocab_size: int,
+                           expected_sha256: str | None) -> Tokenizer:  # fmt: skip
+    """The artifact's tokenizer (the file given, else the copy beside it), refused if missing, bigger than the
+    model's vocabulary, or (where the metadata names its checksum) not the file the artifact was exported with."""
+    tok_path = Path(given) if given else tokenizer_beside(artifact, tokenizer_file)
     if not tok_path.is_file():
         raise LLMKitError(f"the tokenizer {tok_path} of {artifact} is missing; pass --tokenizer-path to the original")
+    tok = load_tokenizer(tok_path)
+    if tok.vocab_size > vocab_size:
+        raise LLMKitError(
+            f"the tokenizer {tok_path} has {tok.vocab_size} tokens but {artifact} knows {vocab_size}: it is not "
+            "this model's tokenizer; pass the right --tokenizer-path"
+        )
     if expected_sha256 and sha256(tok_path) != expected_sha256:
         raise LLMKitError(f"{tok_path} is not the tokenizer {artifact} was exported with (checksum differs)")
+    return tok

@@ -28,7 +28,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     # Decoding a small model is a chain of small matrix-vector products: splitting each over threads costs
-    # more in synchronisation than it gains, and on a busy 2-core machine 2 threads decoded 10x slower than 1.
+    # more in synchronisation than it gains, most of all on a busy machine.
     p.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch (default 1; more for big models)")
 
 

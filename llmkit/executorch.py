@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmkit.artifacts import check_tokenizer, package_metadata, tokenizer_beside, write_with_tokenizer
+from llmkit.artifacts import check_targets, load_checked_tokenizer, package_metadata, write_with_tokenizer
 from llmkit.errors import LLMKitError, first_line
-from llmkit.files import check_output_path
 from llmkit.generate import LLM, Stats
 from llmkit.model import Attention, ModelArgs, RMSNorm, Transformer
-from llmkit.tokenizer import Tokenizer, load_tokenizer
+from llmkit.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from executorch.exir import ExecutorchProgramManager
@@ -216,7 +215,7 @@ def export_pte(llm: LLM, path: str | Path, force: bool = False) -> Path:
     logits differ from torchao's eager ones by that rounding). The tokenizer file is copied beside it,
     as for `.pt2` packages.
     """
-    path = check_output_path(path, force)
+    path = check_targets(llm, path, force)
     program = lower_to_executorch(llm)
 
     def write(tmp: str) -> None:
@@ -289,14 +288,9 @@ def pte_tokenizer(path: Path, meta: dict, tokenizer: str | Path | None) -> tuple
             raise LLMKitError(f"{path} was not made by llmkit and names no tokenizer; pass --tokenizer-path")
         if not llmkit_meta["tokenizer_file"]:
             return None, llmkit_meta  # exported without one: random weights, benchmarks
-    tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(path, llmkit_meta["tokenizer_file"])
-    check_tokenizer(path, tok_path, (llmkit_meta or {}).get("tokenizer_sha256"))
-    tok = load_tokenizer(tok_path)
-    if tok.vocab_size > meta["get_vocab_size"]:
-        raise LLMKitError(
-            f"the tokenizer {tok_path} has {tok.vocab_size} tokens but {path} knows {meta['get_vocab_size']}: it is "
-            "not this program's tokenizer; pass the right --tokenizer-path"
-        )
+    known = llmkit_meta or {}  # a program from elsewhere names no tokenizer
+    tok = load_checked_tokenizer(path, tokenizer, known.get("tokenizer_file", ""), meta["get_vocab_size"],
+                                 known.get("tokenizer_sha256"))  # fmt: skip
     return tok, llmkit_meta
 
 

@@ -35,6 +35,7 @@ def write_file_atomically(path: Path, write: Callable[[str], object]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _with_umask(0o666))  # mkstemp makes it private; the user's umask decides
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -48,7 +49,7 @@ def write_folder_atomically(out_dir: Path, fill: Callable[[Path], object]) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         fill(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        tmp.chmod(_with_umask(0o777))  # mkdtemp makes it private; the user's umask decides
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
@@ -59,6 +60,12 @@ def write_folder_atomically(out_dir: Path, fill: Callable[[Path], object]) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _with_umask(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def sha256(path: str | Path) -> str:

@@ -80,7 +80,7 @@ def _one_row_addmm(match: Match, bias, x, w) -> None:
     CallFunction(aten._scaled_dot_product_flash_attention_for_cpu.default, Arg(), Arg(), Arg(), attn_mask=Arg()),
     pass_dict=_one_row_products,
 )
-@register_graph_pattern(  # the attention an H100 runs (query, key, value, mask, compute_log_sumexp)
+@register_graph_pattern(  # cuDNN's, which Hopper GPUs run (query, key, value, mask, compute_log_sumexp)
     CallFunction(aten._scaled_dot_product_cudnn_attention.default, Arg(), Arg(), Arg(), Arg(), False),
     pass_dict=_one_row_products,
 )

@@ -218,7 +218,7 @@ def test_prompt_longer_than_the_context(fp32_pte):
 def test_meta_checkpoint_round_trip(tiny, tmp_path):
     """What export_llm reads: Meta's layout, q/k rows back in interleaved order; llmkit loads it to the same model."""
     llm = load(tiny)
-    again = load_checkpoint(save_meta(llm, tmp_path / "meta"), max_seq_len=ARGS.max_seq_len)
+    again = load_checkpoint(save_meta(llm.model, tmp_path / "meta"), max_seq_len=ARGS.max_seq_len)
     with torch.no_grad():
         assert torch.equal(again(tokens()), llm.model(tokens()))
 
