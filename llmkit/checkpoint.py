@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, first_line
 from llmkit.files import check_output_path, write_folder_atomically
 from llmkit.model import ModelArgs, Transformer
 
@@ -48,6 +48,19 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder the rows of a q/k projection from halves RoPE back to interleaved pairs (the inverse)."""
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object (config.json, params.json, an index), or one clear error."""
+    if not path.is_file():
+        raise LLMKitError(f"{path} is missing: a {what} needs it beside its weights")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LLMKitError(f"{path} is not valid JSON ({first_line(e)}); download the checkpoint again") from None
+    if not isinstance(value, dict):
+        raise LLMKitError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not a {what}'s file")
+    return value
 
 
 def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> Transformer:
@@ -224,14 +237,17 @@ def _read_safetensors(path: Path) -> dict:
 
 def load_hf(folder: Path, max_seq_len: int | None = None) -> Transformer:
     """A Hugging Face folder: config.json + model.safetensors, or shards listed in an index."""
+    config = read_json_object(folder / "config.json", "Hugging Face checkpoint")
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise LLMKitError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
-    args = args_from_hf_config(config, max_seq_len)
+        args = args_from_hf_config(config, max_seq_len)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+        raise LLMKitError(f"{folder / 'config.json'} does not describe a model ({type(e).__name__}: {e})") from None
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index, "sharded checkpoint").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise LLMKitError(f"{index} has no weight_map of tensor names to files; download the checkpoint again")
+        files = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -315,9 +331,25 @@ def checkpoint_state(model: Transformer) -> dict[str, torch.Tensor]:
 # ---- Meta -----------------------------------------------------------------------------------
 
 
+def args_from_meta(params: dict, state: dict, max_seq_len: int | None) -> ModelArgs:
+    """ModelArgs from Meta's params.json; the vocabulary and MLP widths are read off the weights."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    scaling = None
+    if params.get("use_scaled_rope"):
+        scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    return ModelArgs(
+        dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+        vocab_size=state["tok_embeddings.weight"].shape[0],
+        hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
+        norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=scaling, max_seq_len=max_seq_len or 2048, tie_embeddings="output.weight" not in state,
+    )  # fmt: skip
+
+
 def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
     """Meta's params.json + consolidated.NN.pth (model-parallel shards are concatenated)."""
-    params = json.loads((folder / "params.json").read_text())
+    params = read_json_object(folder / "params.json", "Meta checkpoint")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise LLMKitError(f"{folder}: params.json but no consolidated.*.pth weights")
@@ -334,18 +366,12 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
         else:  # column-parallel layers split their rows, row-parallel ones their columns
             cat_dim = 1 if any(s in name for s in ("wo.", "w2.", "tok_embeddings")) else 0
             state[name] = torch.cat([p[name] for p in parts], dim=cat_dim)
-    dim, n_heads = params["dim"], params["n_heads"]
-    n_kv_heads = params.get("n_kv_heads") or n_heads
-    scaling = None
-    if params.get("use_scaled_rope"):
-        scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-    args = ModelArgs(
-        dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
-        vocab_size=state["tok_embeddings.weight"].shape[0],
-        hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
-        norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 10000.0)),
-        rope_scaling=scaling, max_seq_len=max_seq_len or 2048, tie_embeddings="output.weight" not in state,
-    )  # fmt: skip
+    try:
+        args = args_from_meta(params, state, max_seq_len)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+        what = f"{type(e).__name__}: {e}"
+        raise LLMKitError(f"{folder / 'params.json'} does not describe these weights ({what})") from None
+    n_heads, n_kv_heads = args.n_heads, args.n_kv_heads
     for i in range(args.n_layers):
         for w, heads in (("wq", n_heads), ("wk", n_kv_heads)):
             key = f"layers.{i}.attention.{w}.weight"

@@ -84,9 +84,10 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     llm = llm_from_args(args)
+    ids = llm.encode_prompt(args.prompt)  # a prompt that can't be encoded fails before anything is printed
     print(args.prompt, end="", flush=True)
     out = llm.generate(
-        args.prompt,
+        ids,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -144,12 +145,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"appended {len(rows)} results to {args.out}")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace) -> int:
     from llmkit.sweep import run_sweep
 
     out = run_sweep(args.sweep_file, args.results_dir)
     print((out / "summary.md").read_text())
     print(f"results in {out}/")
+    runs = json.loads((out / "runs.json").read_text())
+    failed = sum(r["status"] != "ok" for r in runs)
+    if failed:
+        print(f"llmkit: {failed} of {len(runs)} runs failed (see {out / 'summary.md'})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -300,14 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        args.func(args)
+        return args.func(args) or 0
     except LLMKitError as e:
         print(f"llmkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,6 +37,8 @@ def write_file_atomically(path: Path, write: Callable[[str], object]) -> Path:
         write(tmp)
         os.chmod(tmp, _with_umask(0o666))  # mkstemp makes it private; the user's umask decides
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile
+        raise _cannot_write(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -48,7 +50,10 @@ def write_folder_atomically(out_dir: Path, fill: Callable[[Path], object]) -> Pa
     there): an interrupted save never leaves a half-written folder under the final name."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        fill(tmp)
+        try:
+            fill(tmp)
+        except OSError as e:
+            raise _cannot_write(out_dir, e) from None
         tmp.chmod(_with_umask(0o777))  # mkdtemp makes it private; the user's umask decides
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
@@ -60,6 +65,10 @@ def write_folder_atomically(out_dir: Path, fill: Callable[[Path], object]) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _cannot_write(path: Path, e: OSError) -> LLMKitError:
+    return LLMKitError(f"cannot write {path} ({e.strerror or e}); free some space or choose another place")
 
 
 def _with_umask(mode: int) -> int:

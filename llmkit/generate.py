@@ -98,6 +98,11 @@ class LLM:
         self.buffers: dict[str, Tensor] = buffers or {}  # tensors the step's compiled code points at: kept alive here
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str) and not prompt.isascii():
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that were not UTF-8, kept by Python as lone surrogates
+                raise LLMKitError("the prompt is not valid UTF-8 text; convert it to UTF-8 first") from None
         ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
         if len(ids) >= self.max_seq_len:
             raise LLMKitError(
@@ -134,7 +139,8 @@ class LLM:
         tokens = torch.tensor([ids], device=device)
         logits = self.step(tokens, torch.arange(len(ids), device=device))
         for pos in range(len(ids), len(ids) + max_new_tokens):
-            token = sample(logits[0, -1], temperature, top_k, top_p, rng)
+            # a model's vocabulary may be padded past its tokenizer's: those ids have no text
+            token = sample(logits[0, -1, : self.tokenizer.vocab_size], temperature, top_k, top_p, rng)
             now = time.perf_counter()
             if not out.tokens:
                 out.stats.time_to_first_token = now - start

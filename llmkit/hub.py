@@ -84,9 +84,21 @@ class Row(NamedTuple):
     gated: bool
 
 
+FIELD_TYPES = {"repo": str, "format": str, "checkpoint": str, "tokenizer": str, "size_mb": int, "gated": bool,
+               "tokenizer_repo": str, "revision": str}  # fmt: skip
+
+
 def _model_info(alias: str, entry: dict, path: Path) -> ModelInfo:
+    if not isinstance(entry, dict):
+        raise LLMKitError(f"{path}: the entry for {alias} is a {type(entry).__name__}, not an object of fields")
+    for field, kind in FIELD_TYPES.items():
+        if field in entry and not (isinstance(entry[field], kind) and (kind is not int or type(entry[field]) is int)):
+            raise LLMKitError(f"{path}: {alias}'s {field} is {entry[field]!r}; it must be a {kind.__name__}")
+    files = entry.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise LLMKitError(f"{path}: {alias}'s files is {files!r}; it must be a list of file names")
     try:
-        model = ModelInfo(alias=alias, **{**entry, "files": tuple(entry.get("files", ()))})
+        model = ModelInfo(alias=alias, **{**entry, "files": tuple(files)})
     except TypeError as e:
         raise LLMKitError(f"{path}: the entry for {alias} is malformed ({e})") from None
     if model.format not in FORMATS:
@@ -111,6 +123,8 @@ def registry() -> dict[str, ModelInfo]:
             entries = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise LLMKitError(f"cannot read the model list {path} ({e})") from None
+        if not isinstance(entries, dict):
+            raise LLMKitError(f"{path} holds a JSON {type(entries).__name__}; it must be an object of alias: entry")
         models.update({alias: _model_info(alias, entry, path) for alias, entry in entries.items()})
     return models
 

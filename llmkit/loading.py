@@ -24,6 +24,8 @@ def load(
     The tokenizer is looked for beside the checkpoint unless given. `max_seq_len` caps the context
     (and so the KV cache and mask memory) of models trained for very long ones.
     """
+    if max_seq_len is not None and max_seq_len < 2:
+        raise LLMKitError(f"max-seq-len must be at least 2 (a prompt token and a new one), not {max_seq_len}")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     path = DEFAULT_MODEL if str(checkpoint) == "default" else Path(checkpoint)
     model = load_checkpoint(path, max_seq_len=max_seq_len)

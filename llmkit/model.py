@@ -34,10 +34,15 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"dim ({self.dim}) must divide into n_heads ({self.n_heads}) heads, "
-                f"and n_heads into n_kv_heads ({self.n_kv_heads}) groups"
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")
+        bad = [f"{name}={getattr(self, name)!r}" for name in sizes
+               if type(getattr(self, name)) is not int or getattr(self, name) < 1]  # fmt: skip
+        if bad:
+            raise LLMKitError(f"the model's config has sizes that are not positive integers ({', '.join(bad)})")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise LLMKitError(
+                f"the model's config does not fit together: dim ({self.dim}) must divide into n_heads "
+                f"({self.n_heads}) heads of an even size, and n_heads into n_kv_heads ({self.n_kv_heads}) groups"
             )
 
     @property

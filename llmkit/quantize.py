@@ -116,7 +116,10 @@ def _read_scheme(text: str) -> dict:
     if preset is not None:
         return preset
     if Path(text).expanduser().is_file():
-        return _read_scheme(Path(text).expanduser().read_text(encoding="utf-8"))
+        try:
+            return _read_scheme(Path(text).expanduser().read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise LLMKitError(f"scheme file {text} is not UTF-8 text; give a JSON file or a preset") from None
     names = ", ".join(PRESETS)
     raise LLMKitError(f"unknown scheme {text!r}: use a preset ({names}), torchchat JSON or a JSON file's path")
 

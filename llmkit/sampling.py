@@ -22,7 +22,7 @@ def probabilities(logits: Tensor, temperature: float, top_k: int | None = None, 
     temperature-scaled softmax cut to the top k tokens and to the top-p probability mass, renormalised."""
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
-    logits = logits.float() / temperature
+    logits = (logits.float() - logits.max()) / temperature  # at most 0: a tiny temperature can't overflow
     if top_k is not None and top_k < logits.numel():
         logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[-1], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -36,6 +36,9 @@ def probabilities(logits: Tensor, temperature: float, top_k: int | None = None, 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, rng: torch.Generator) -> int:
     """Pick the next token from one row of logits: greedy at temperature 0, else drawn from `probabilities`."""
+    if not torch.isfinite(logits).all():
+        raise LLMKitError("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
+                          "check the checkpoint, or load it in float32")  # fmt: skip
     if temperature == 0:
         return int(logits.argmax())
     return int(torch.multinomial(probabilities(logits.cpu(), temperature, top_k, top_p), 1, generator=rng))

@@ -29,14 +29,27 @@ def read_sweep(path: str | Path) -> dict:
     if not path.is_file():
         raise LLMKitError(f"sweep file not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise LLMKitError(f"{path} is not valid YAML ({first_line(e)})") from None
+    if not isinstance(spec, dict):
+        raise LLMKitError(f"{path} holds a YAML {type(spec).__name__}; a sweep is a mapping of name, notebook, grid")
     for key in ("name", "notebook", "grid"):
         if key not in spec:
             raise LLMKitError(f"{path} has no '{key}'; a sweep names its notebook, its grid and its name")
-    if not isinstance(spec["grid"], dict) or not spec["grid"] or not all(spec["grid"].values()):
-        raise LLMKitError(f"{path}: the grid is empty, so there is nothing to run; give each key a list of values")
+    if not isinstance(spec["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", spec["name"]) or spec["name"] in (
+        ".", "..",
+    ):  # fmt: skip
+        raise LLMKitError(f"{path}: name {spec['name']!r} must be a plain folder name (letters, digits, _ . + -)")
+    grid = spec["grid"]
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise LLMKitError(
+            f"{path}: the grid is empty or malformed ({grid!r}); give each parameter a non-empty list of values"
+        )
+    if not isinstance(spec.get("parameters", {}), dict):
+        raise LLMKitError(f"{path}: parameters must be a mapping of name: value, not {spec['parameters']!r}")
+    if not Path(spec["notebook"]).is_file():
+        raise LLMKitError(f"{path}: notebook {spec['notebook']} not found (paths are relative to where llmkit runs)")
     return spec
 
 
@@ -87,7 +100,8 @@ def summarize(out_dir: Path, runs: list[dict]) -> None:
     rows = read_results(*sorted(out_dir.glob("*.jsonl")))
     lines = [f"# Sweep {out_dir.name}", "", "| run | status |", "| --- | --- |"]
     lines += [f"| {r['run']} | {r['status']}{': ' + r['error'] if r.get('error') else ''} |" for r in runs]
-    lines += ["", table(rows) if rows else "No results: every run failed.", ""]
+    nothing = "every run failed" if all(r["status"] != "ok" for r in runs) else "no run wrote any"
+    lines += ["", table(rows) if rows else f"No results: {nothing}.", ""]
     if rows:
         ax = roofline(rows, title=f"Sweep {out_dir.name}")
         ax.figure.savefig(out_dir / "roofline.png", dpi=120, bbox_inches="tight")

@@ -66,7 +66,7 @@ def test_cli_generate_prints_prompt_continuation_and_stats(shared_data, capsys):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "llmkit.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,178 @@
+"""Bad input on the command line, class by class: exit status 2, one line on stderr naming the problem and the
+fix, no traceback, and nothing the user had changed or left behind."""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.checkpoint import save_hf
+from llmkit.cli import main
+from llmkit.errors import LLMKitError
+from llmkit.files import write_file_atomically
+from llmkit.loading import DEFAULT_MODEL
+from llmkit.model import ModelArgs, random_model
+
+TOKENIZER = DEFAULT_MODEL / "tokenizer.model"  # SentencePiece, 4096 tokens
+
+
+def refused(capsys, *argv: str, says: str) -> str:
+    """Run the command line; it must exit 2 with one `llmkit: error:` line that says `says`, and no traceback."""
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("llmkit: error: ")]
+    assert status == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert says in errors[0], errors[0]
+    return errors[0]
+
+
+def tiny_model_folder(folder: Path, poison: bool = False) -> Path:
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=4096, hidden_dim=64, max_seq_len=64)
+    model = random_model(args)
+    if poison:
+        with torch.no_grad():
+            model.layers[0].feed_forward.w2.weight[0, 0] = float("nan")
+    return save_hf(model, folder, tokenizer_path=TOKENIZER, bos_id=1, eos_ids=[2])
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+
+
+def test_weights_without_their_config(tmp_path, capsys):
+    (tmp_path / "x.pth").write_bytes(b"not read")
+    refused(capsys, "generate", "--checkpoint-path", tmp_path / "x.pth", says="params.json is missing")
+    (tmp_path / "x.safetensors").write_bytes(b"not read")
+    refused(capsys, "generate", "--checkpoint-path", tmp_path / "x.safetensors", says="config.json is missing")
+
+
+@pytest.mark.parametrize(("name", "text", "says"), [
+    ("config.json", "[1, 2]", "holds a JSON list, not an object"),
+    ("config.json", '{"architectures": ["LlamaForCausalLM"]}', "does not describe a model (KeyError"),
+    ("config.json", '{"architectures": ["LlamaForCausalLM"], "hidden_size": "64"', "is not valid JSON"),
+    ("params.json", "{dim: 64}", "is not valid JSON"),
+])  # fmt: skip
+def test_a_broken_config_file(tmp_path, capsys, name, text, says):
+    (tmp_path / name).write_text(text)
+    refused(capsys, "generate", "--checkpoint-path", tmp_path, says=says)
+
+
+def test_a_broken_shard_index(tmp_path, capsys):
+    folder = tiny_model_folder(tmp_path / "m")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    refused(capsys, "generate", "--checkpoint-path", folder, says="has no weight_map")
+
+
+def test_a_llama2c_header_whose_sizes_do_not_fit(tmp_path, capsys):
+    path = tmp_path / "m.bin"
+    path.write_bytes(struct.pack("7i", 65, 96, 1, 8, 8, 32, 16) + bytes(4 * 37893))  # as many floats as it says
+    refused(capsys, "generate", "--checkpoint-path", path, "--tokenizer-path", TOKENIZER, says="does not fit together")
+
+
+def test_weights_holding_nan_are_a_broken_checkpoint(tmp_path, capsys):
+    folder = tiny_model_folder(tmp_path / "m", poison=True)
+    refused(capsys, "generate", "--checkpoint-path", folder, "--max-new-tokens", 4, says="weights are broken")
+
+
+# ---- tokenizers, prompts and sampling ---------------------------------------------------------------------
+
+
+def test_a_smaller_tokenizer_than_the_model_only_ever_sees_its_own_ids(shared_data, capsys):
+    """llama2.c's 512-token tokenizer on the 4096-token default model: generation never picks an id it lacks."""
+    import llmkit
+
+    llm = llmkit.load("default", tokenizer=shared_data / "stories260K" / "tok512.bin")
+    out = llm.generate("Once upon a time", max_new_tokens=40, temperature=1.0, top_k=None, seed=0)
+    assert out.tokens and max(out.tokens) < 512
+
+
+def test_a_prompt_that_is_not_utf8(capsys):
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python hands over such a command-line argument
+    refused(capsys, "generate", "--prompt", prompt, says="not valid UTF-8")
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(capsys):
+    assert main(["generate", "--prompt", "The", "--max-new-tokens", "8", "--temperature", "1e-45"]) == 0
+    tiny = capsys.readouterr().out
+    assert main(["generate", "--prompt", "The", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert tiny == capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "1"])
+def test_a_context_too_short_to_generate(capsys, value):
+    refused(capsys, "generate", "--max-seq-len", value, says="max-seq-len must be at least 2")
+
+
+def test_a_scheme_file_that_is_not_utf8(tmp_path, capsys):
+    (tmp_path / "scheme.json").write_bytes(b'{"linear:int8": {"groupsize": 0}}\xff\xfe')
+    refused(capsys, "generate", "--quantize", tmp_path / "scheme.json", says="is not UTF-8 text")
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+
+
+def test_export_onto_a_folder_fails_before_the_slow_part(tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    refused(capsys, "export", "--output-aoti-package-path", tmp_path / "adir", "--force", says="is a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["adir"]
+
+
+def test_export_never_replaces_the_tokenizer_beside_it_silently(tmp_path):
+    import llmkit
+    from llmkit.aoti import export_aoti
+
+    beside = tmp_path / "m.tokenizer.model"
+    beside.write_text("mine")
+    with pytest.raises(LLMKitError, match="m.tokenizer.model already exists"):
+        export_aoti(llmkit.load("default"), tmp_path / "m.pt2")
+    assert beside.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [beside.name]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_export_into_a_read_only_folder(tmp_path, capsys):
+    tmp_path.chmod(0o555)
+    try:
+        refused(capsys, "export", "--output-pte-path", tmp_path / "m.pte", says="is not writable")
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    def fill_the_disk(tmp: str) -> None:
+        Path(tmp).write_bytes(b"part of it")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(LLMKitError, match=r"cannot write .*m\.pt2 \(No space left on device\)"):
+        write_file_atomically(tmp_path / "m.pt2", fill_the_disk)
+    assert not list(tmp_path.iterdir())
+
+
+# ---- model lists and sweeps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("entries", "says"), [
+    ([{"repo": "a/b"}], "holds a JSON list"),
+    ({"m": {"repo": "a/b", "files": ["m.bin", "tok.bin"], "format": "llama2c", "checkpoint": "m.bin",
+            "tokenizer": "tok.bin", "size_mb": "1", "gated": False}}, "size_mb is '1'; it must be a int"),
+    ({"m": {"repo": "a/b", "files": "m.bin", "format": "llama2c", "checkpoint": "m.bin", "tokenizer": "m.bin",
+            "size_mb": 1, "gated": False}}, "must be a list of file names"),
+])  # fmt: skip
+def test_a_malformed_model_list(tmp_path, capsys, monkeypatch, entries, says):
+    (tmp_path / "models.json").write_text(json.dumps(entries))
+    monkeypatch.setenv("LLMKIT_MODELS", str(tmp_path / "models.json"))
+    refused(capsys, "list", says=says)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("just a string", "holds a YAML str"),
+    ("name: s\nnotebook: n.ipynb\ngrid: {a: 1}", "non-empty list of values"),
+    ("name: s\nnotebook: n.ipynb\ngrid: {a: [1]}\nparameters: [1]", "parameters must be a mapping"),
+    ("name: ../../escaped\nnotebook: n.ipynb\ngrid: {a: [1]}", "must be a plain folder name"),
+])  # fmt: skip
+def test_a_malformed_sweep(tmp_path, capsys, text, says):
+    (tmp_path / "n.ipynb").write_text("{}")
+    (tmp_path / "sweep.yaml").write_text(text.replace("n.ipynb", str(tmp_path / "n.ipynb")))
+    refused(capsys, "sweep", tmp_path / "sweep.yaml", "--results-dir", tmp_path / "results", says=says)
+    assert not (tmp_path / "results").exists() and not (tmp_path.parent / "escaped").exists()
