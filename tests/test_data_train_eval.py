@@ -14,10 +14,11 @@ import torch
 import llmkit
 from llmkit import data
 from llmkit.checkpoint import load_checkpoint
+from llmkit.cli import main
 from llmkit.errors import LLMKitError
-from llmkit.evaluate import perplexity, read_text, unigram_perplexity
+from llmkit.evaluate import perplexity, read_text, score_ids, unigram_perplexity
 from llmkit.model import ModelArgs, Transformer
-from llmkit.train import TrainConfig, lr_at, prepare_corpus, train_from
+from llmkit.train import TrainConfig, lr_at, prepare_corpus
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "pydoc-lm"
 SHIPPED_FILES = ("README.md", "config.json", "model.safetensors", "tokenizer.model")
@@ -163,10 +164,15 @@ def test_prepare_and_train_write_a_loadable_model(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "stale").write_text("replaced atomically")
-    cfg = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup=2, eval_every=0)
-    result = train_from(tmp_path / "work", out, "tiny", cfg, "test")
+    argv = ["train", "--data", str(tmp_path / "work"), "--out", str(out), "--preset", "tiny", "--steps", "4",
+            "--batch-size", "2", "--seq-len", "32", "--warmup", "2", "--eval-every", "0"]  # fmt: skip
+    assert main(argv) == 0
     assert {p.name for p in out.iterdir()} == set(SHIPPED_FILES)
-    assert f"**{result['ppl']:.2f}**" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "llmkit " + " ".join(argv) in card  # the card records the command that made the model
+    heldout = torch.from_numpy(np.load(tmp_path / "work" / "heldout.npy").astype(np.int64))
+    saved = load_checkpoint(out).float()  # the bfloat16 weights it wrote, scored as training scored them
+    assert f"**{score_ids(saved, heldout, 128, progress=False).value:.2f}**" in card
     model = load_checkpoint(out)
     assert model.args.dim == 64 and model.tok_embeddings.weight.dtype == torch.bfloat16
     assert not list(tmp_path.glob(".model.*"))  # no temporary folder left behind
