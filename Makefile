@@ -34,7 +34,10 @@ test-notebooks: $(STAMP) runner
 # the browser checks run where Chromium is installed, and always in CI
 test: lint test-unit test-notebooks $(if $(or $(CI),$(wildcard /usr/bin/chromium)),test-browser)
 
+# The book shows the chapters' saved outputs and runs none of them (book/_config.yml says why), so it needs neither
+# the runner nor minutes of CPU; it checks that each notebook was saved run through, and nbval runs them.
 book: $(STAMP) $(MATHJAX)/$(MATHJAX_VERSION).stamp
+	$(PY) book/check_notebooks.py notebooks
 	$(VENV)/bin/jupyter-book build -W --keep-going -n book/
 	$(PY) book/check_links.py book/_build/html
 
