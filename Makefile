@@ -54,8 +54,9 @@ $(MATHJAX)/$(MATHJAX_VERSION).stamp:
 test-browser: $(STAMP) book
 	$(VENV)/bin/pytest tests/browser
 
+# Jupyter refuses to start as root (as in many containers) unless told to
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 # Rebuild the shipped default model (data/pydoc-lm): corpus, tokenizer and training.
 # DEVICE=cuda took 16 s on an H200; DEVICE=cpu works too, slowly.
