@@ -3,6 +3,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= The built-in function
+# MathJax typesets the book's formulas. An offline workshop cannot reach a CDN, so the book ships its own copy: the
+# npm package (pinned version and sha256), fetched once into the git-ignored build folder; Sphinx copies
+# $(MATHJAX)/static into the HTML's _static/ (html_static_path and mathjax_path in book/_config.yml).
+MATHJAX_VERSION := 3.2.2
+MATHJAX_SHA256 := 1b9c0a1c44df864e915690558e72adb9cc5203360daefd385084ced3b6c64c09
+MATHJAX := book/_build/mathjax
 
 .PHONY: demo test test-unit test-notebooks lint lab default-model runner book test-browser clean
 
@@ -21,21 +27,36 @@ lint: $(STAMP)
 test-unit: $(STAMP) runner
 	$(VENV)/bin/pytest tests --ignore=tests/browser
 
-test-notebooks: $(STAMP)
+# notebook 06 runs the C++ runner, so a fresh clone builds it first
+test-notebooks: $(STAMP) runner
 	$(VENV)/bin/pytest --nbval-lax notebooks/
 
 # the browser checks run where Chromium is installed, and always in CI
 test: lint test-unit test-notebooks $(if $(or $(CI),$(wildcard /usr/bin/chromium)),test-browser)
 
-book: $(STAMP)
+# The book shows the chapters' saved outputs and runs none of them (book/_config.yml says why), so it needs neither
+# the runner nor minutes of CPU; it checks that each notebook was saved run through, and nbval runs them.
+book: $(STAMP) $(MATHJAX)/$(MATHJAX_VERSION).stamp
+	$(PY) book/check_notebooks.py notebooks
 	$(VENV)/bin/jupyter-book build -W --keep-going -n book/
 	$(PY) book/check_links.py book/_build/html
+
+# the tex-mml-chtml build and the folders it loads from as a page is read (fonts, TeX extensions, menu, accessibility)
+$(MATHJAX)/$(MATHJAX_VERSION).stamp:
+	@command -v npm > /dev/null || { echo "make book needs npm to fetch MathJax (apt-get install npm)" >&2; exit 1; }
+	rm -rf $(MATHJAX) && mkdir -p $(MATHJAX)/static/mathjax
+	cd $(MATHJAX) && npm pack --silent mathjax@$(MATHJAX_VERSION) > /dev/null
+	echo "$(MATHJAX_SHA256)  $(MATHJAX)/mathjax-$(MATHJAX_VERSION).tgz" | sha256sum --check --quiet
+	tar -xzf $(MATHJAX)/mathjax-$(MATHJAX_VERSION).tgz -C $(MATHJAX)/static/mathjax --strip-components=2 \
+	    package/es5/tex-mml-chtml.js package/es5/input package/es5/output package/es5/ui package/es5/a11y package/es5/sre
+	touch $@
 
 test-browser: $(STAMP) book
 	$(VENV)/bin/pytest tests/browser
 
+# Jupyter refuses to start as root (as in many containers) unless told to
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 # Rebuild the shipped default model (data/pydoc-lm): corpus, tokenizer and training.
 # DEVICE=cuda took 16 s on an H200; DEVICE=cpu works too, slowly.

@@ -1,6 +1,7 @@
 """In a real browser, as a learner sees it: JupyterLab runs the generation chapter and its chat box answers a
-typed prompt, and the built book's pages show their images. Headless Debian Chromium driven by Playwright;
-`make test-browser` runs it (after `make book`). Screenshots go to tests/artifacts/.
+typed prompt, the built book's pages show their images, and its formulas are typeset by the MathJax it ships, with no
+other host asked for anything. Headless Debian Chromium driven by Playwright; `make test-browser` runs it (after
+`make book`). Screenshots go to tests/artifacts/.
 
 Without /usr/bin/chromium or Playwright the tests skip with the reason, except under CI, where they fail.
 """
@@ -225,3 +226,57 @@ def test_book_page_shows_its_images(page, book: str, path: str, lands_on: str) -
     assert images, f"{lands_on} shows no images"
     broken = [src for src, complete, width in images if not (complete and width > 0)]
     assert not broken, f"{lands_on}: images that did not load: {broken}"
+
+
+# Sphinx wraps each formula in an element of class "math" (\(...\) inline, \[...\] displayed) that MathJax fills with
+# an <mjx-container>. Reported: the formulas, how many MathJax typeset, its TeX errors, text outside code that still
+# looks like TeX, and MathJax's web fonts with their loading state.
+MATH_STATE = r"""() => {
+    const root = document.querySelector('main') ?? document.body;
+    const math = [...root.querySelectorAll('.math')];
+    const tex = /\\[[(]|\$\$|\\begin\{/;
+    const raw = [];
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+        const code = node.parentElement.closest('pre, code, script, style, mjx-container');
+        if (!code && tex.test(node.data)) raw.push(node.data.trim().slice(0, 80));
+    }
+    return {
+        math: math.length,
+        displayed: math.filter(m => m.tagName === 'DIV').length,
+        typeset: math.filter(m => m.querySelector('mjx-container')).length,
+        errors: [...root.querySelectorAll('mjx-merror')].map(e => e.getAttribute('data-mjx-error') || e.textContent),
+        raw,
+        fonts: [...document.fonts].filter(f => f.family.startsWith('MJX')).map(f => [f.family, f.status]),
+    };
+}"""
+
+
+def test_book_formulas_typeset_offline(page, book: str) -> None:
+    """The numerics chapter's formulas are typeset by the book's own MathJax with its own fonts, and the page asks
+    no other host for anything (the page fixture aborts such requests; here any attempt fails the test)."""
+    requests, fonts = [], {}
+
+    def font_status(response) -> None:
+        if ".woff" in response.url:
+            fonts[response.url] = response.status
+
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("response", font_status)
+    page.goto(f"{book}/notebooks/03_numerics.html")
+    page.wait_for_load_state("load")
+    page.wait_for_function("() => window.MathJax?.startup?.promise", timeout=30_000)
+    page.evaluate("() => MathJax.startup.promise.then(() => document.fonts.ready).then(() => true)")
+    state = page.evaluate(MATH_STATE)
+    page.screenshot(path=ARTIFACTS / "book_03_numerics.png", full_page=True)
+
+    remote = [url for url in requests if not LOCAL.match(url) and not url.startswith(("data:", "blob:"))]
+    assert not remote, f"the page asked other hosts for: {remote}"
+    assert any("/_static/mathjax/" in url for url in requests), "MathJax was not loaded from the book's _static/"
+    assert state["displayed"] > 0, f"no displayed formula on the page: {state}"
+    assert state["typeset"] == state["math"], f"MathJax typeset {state['typeset']} of {state['math']} formulas"
+    assert not state["errors"], f"TeX errors: {state['errors']}"
+    assert not state["raw"], f"TeX shown as text: {state['raw']}"
+    assert fonts and all(status == 200 for status in fonts.values()), f"MathJax font requests: {fonts}"
+    assert any(status == "loaded" for _, status in state["fonts"]), f"no MathJax font loaded: {state['fonts']}"
+    assert all(status != "error" for _, status in state["fonts"]), f"MathJax fonts: {state['fonts']}"
