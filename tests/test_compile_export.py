@@ -10,37 +10,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from llmkit.aoti import export_aoti, export_program, load_aoti
-from llmkit.checkpoint import save_hf
 from llmkit.compile import compile
 from llmkit.errors import LLMKitError
 from llmkit.graph_passes import OneRowProductsAsLoops
 from llmkit.loading import load
-from llmkit.model import ModelArgs, Transformer
+from llmkit.model import ModelArgs
 
 RUNNER = Path(__file__).resolve().parents[1] / "runner" / "build" / "llmkit-run"
 PROMPT = "the model reads the text"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random small model with a SentencePiece tokenizer, saved in the kit's format."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    text = tmp / "text.txt"
-    text.write_text("\n".join(f"the model reads the text number {i} and writes {i * 3} words" for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp / "tokenizer"), vocab_size=300,
-                                   model_type="bpe", byte_fallback=True, minloglevel=2)  # fmt: skip
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=128,
-                                  max_seq_len=128))  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    save_hf(model, tmp / "model", tokenizer_path=tmp / "tokenizer.model")
-    return tmp / "model"
+def tiny(tiny_folder):
+    """conftest's random small model (std 0.2) with a SentencePiece tokenizer, saved in the kit's format."""
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")
