@@ -171,8 +171,12 @@ def test_load_bad_input(tiny, fp32_pte, tmp_path, sentencepiece_model):
     with pytest.raises(LLMKitError, match="tokenizer .* is missing"):
         load_pte(lonely)
     bigger = sentencepiece_model(tmp_path, 400)
-    with pytest.raises(LLMKitError, match="has 400 tokens but .* knows 300"):
+    with pytest.raises(LLMKitError, match=r"not the tokenizer .* was exported with \(checksum differs\)"):
         load_pte(fp32_pte, bigger)
+    _, meta = check_pte(fp32_pte)
+    from_elsewhere = {k: v for k, v in meta.items() if k != "llmkit_metadata"}  # export_llm's: no checksum to check
+    with pytest.raises(LLMKitError, match="has 400 tokens but .* knows 300"):
+        pte_tokenizer(fp32_pte, from_elsewhere, bigger)
     with pytest.raises(LLMKitError, match="checksum differs"):
         TextRunner(fp32_pte, sentencepiece_model(tmp_path / "other", 300, verb="writes"))
 
@@ -201,7 +205,7 @@ def test_prompt_longer_than_the_context(fp32_pte):
 def test_meta_checkpoint_round_trip(tiny, tmp_path):
     """What export_llm reads: Meta's layout, q/k rows back in interleaved order; llmkit loads it to the same model."""
     llm = load(tiny)
-    again = load_checkpoint(save_meta(llm, tmp_path / "meta"), max_seq_len=CONTEXT)
+    again = load_checkpoint(save_meta(llm.model, tmp_path / "meta"), max_seq_len=CONTEXT)
     with torch.no_grad():
         assert torch.equal(again(tokens()), llm.model(tokens()))
 
