@@ -134,20 +134,31 @@ def test_the_input_of_a_one_row_reduction_is_computed_once():
 def test_the_input_of_a_one_row_reduction_stays_in_bfloat16():
     """Inductor sums a bfloat16 one-row matmul in float32, (x.float()[:, :, None] * w.float()[None]).sum(1);
     the x computed once is kept in bfloat16, half the bytes each output row's program reads (on an H100,
-    llama-2-7b shape, int8wo 324.6 -> 345.5 tok/s): x is rounded to bfloat16 once, as eager stores it."""
+    llama-2-7b shape, int8wo 324.6 -> 345.5 tok/s): x is rounded to bfloat16 once, as eager stores it.
+    Without the pass inductor's CPU code holds x in float32."""
+    import re
+
     from torch._inductor.utils import run_and_get_code
 
     def mlp_down(a, b, w):
         x = torch.nn.functional.silu(a) * b
         return (x.float().unsqueeze(2) * w.float().unsqueeze(0)).sum(dim=1)
 
+    def x_buffers(code: str) -> list[str]:
+        """The dtypes of the buffers of x's shape, (1, 64) contiguous, that the generated code allocates."""
+        return re.findall(r"= empty_strided\w*\(\(1, 64\), \(64, 1\), torch\.(\w+)\)", code)
+
     torch.manual_seed(0)
     a, b, w = (torch.randn(shape, dtype=torch.bfloat16) for shape in ((1, 64), (1, 64), (64, 32)))
-    compiled = torch.compile(mlp_down, options={"post_grad_custom_pre_pass": OneRowProductsAsLoops()})
-    out, (code, *_) = run_and_get_code(compiled, a, b, w)
-    assert "buf0 = empty_strided_cpu((1, 64), (64, 1), torch.bfloat16)" in code  # x, computed once
     x = (torch.nn.functional.silu(a.float()) * b.float()).bfloat16()
-    torch.testing.assert_close(out, (x.float()[:, :, None] * w.float()[None]).sum(1), atol=1e-5, rtol=1e-5)
+    for options, dtypes in (({"post_grad_custom_pre_pass": OneRowProductsAsLoops()}, ["bfloat16"]), ({}, None)):
+        torch._dynamo.reset()
+        out, (code, *_) = run_and_get_code(torch.compile(mlp_down, options=options), a, b, w)
+        if dtypes:  # x, computed once into one buffer, in bfloat16
+            assert x_buffers(code) == dtypes, code
+            torch.testing.assert_close(out, (x.float()[:, :, None] * w.float()[None]).sum(1), atol=1e-5, rtol=1e-5)
+        else:  # the control: what the check tells apart
+            assert "bfloat16" not in x_buffers(code), code
 
 
 def test_the_gpu_tuner_times_kernels_by_the_profiler_only_while_compiling(monkeypatch):
@@ -205,18 +216,35 @@ def test_what_inductor_cannot_compile_runs_eager_with_one_warning(tiny):
         eager.generate(PROMPT, max_new_tokens=20, temperature=0).tokens  # fmt: skip
 
 
-def test_a_ninth_model_still_compiles():
-    """Dynamo keeps at most 8 compiled versions of a function; each LLM gets its own copy of the step."""
+def test_a_ninth_model_still_compiles(make_model):
+    """Dynamo keeps at most 8 compiled versions of a function and runs a ninth caller eager, silently; each LLM
+    gets its own copy of the step, so the ninth model's step is compiled too: a graph of its own, run as
+    compiled code (the profiler sees dynamo's compiled region), with eager's logits within the module's 1e-4 (here
+    of size ~0.5, where another model's differ by ~0.3)."""
     import warnings
 
+    from torch._dynamo.utils import counters
+
     from llmkit.generate import LLM
-    from llmkit.model import random_model
 
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=16)
+    tokens = torch.tensor([[5, 6, 7, 8]])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile can't compile")
         for seed in range(9):
-            compile(LLM(random_model(args, torch.device("cpu"), torch.float32, seed), None, name=f"model {seed}"))
+            graphs = counters["stats"]["unique_graphs"]
+            llm = compile(LLM(make_model(args, seed=seed), None, name=f"model {seed}"))
+            assert counters["stats"]["unique_graphs"] == graphs + 1, f"model {seed} compiled no graph"
+    assert llm.compile_time > 0 and llm.step is not llm.model
+    with torch.inference_mode():
+        expected = llm.model(tokens)[:, -1]  # no cache: the whole sequence at once, eager
+        llm.step(tokens[:, :3], torch.arange(3))  # the prefill runs eager (compile(prefill=False))
+        with torch.profiler.profile() as prof:
+            decoded = llm.step(torch.tensor([[8]]), torch.tensor([3]))[:, -1]
+    events = {e.name for e in prof.events()}
+    assert any(e.startswith("Torch-Compiled Region") for e in events), "the decode step ran eager"
+    assert not any("compile_inner" in e for e in events), "the decode step compiled again"
+    assert expected.abs().max() > 0.1 and (decoded - expected).abs().max() <= 1e-4
 
 
 def test_cpp_runner_gives_the_python_greedy_tokens(package, tiny):
