@@ -15,6 +15,7 @@ import torch
 from llmkit.aoti import export_aoti, export_program, load_aoti
 from llmkit.compile import compile
 from llmkit.errors import LLMKitError
+from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
 from llmkit.loading import load
 from llmkit.model import ModelArgs
@@ -225,8 +226,6 @@ def test_a_ninth_model_still_compiles(make_model):
 
     from torch._dynamo.utils import counters
 
-    from llmkit.generate import LLM
-
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=16)
     tokens = torch.tensor([[5, 6, 7, 8]])
     with warnings.catch_warnings():
@@ -261,7 +260,7 @@ def test_cpp_runner_gives_the_python_greedy_tokens(package, tiny):
     assert "decode" in result.stderr
 
 
-def test_export_bad_input(tiny, package, tmp_path):
+def test_export_bad_input(tiny, package, tmp_path, make_model):
     with pytest.raises(LLMKitError, match="does not exist"):
         export_aoti(load(tiny), tmp_path / "missing" / "x.pt2")
     with pytest.raises(LLMKitError, match="already exists"):
@@ -274,7 +273,8 @@ def test_export_bad_input(tiny, package, tmp_path):
     junk.write_bytes(b"not a zip")
     with pytest.raises(LLMKitError, match="not a loadable llmkit AOTInductor package"):
         load_aoti(junk)
-    older = tmp_path / "one_model.pt2"  # llmkit's format 1: a single dynamic-length model
-    torch._inductor.aoti_compile_and_package(export_program(load(tiny)), package_path=str(older))
+    older = tmp_path / "one_model.pt2"  # llmkit's format 1: a single dynamic-length model (of one small layer)
+    small = LLM(make_model(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=32, max_seq_len=8)), None)
+    torch._inductor.aoti_compile_and_package(export_program(small), package_path=str(older))
     with pytest.raises(LLMKitError, match="not a loadable llmkit AOTInductor package .*export it again"):
         load_aoti(older)
