@@ -1,9 +1,17 @@
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+
+from llmkit.model import ModelArgs, Transformer, random_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# The tests' small Llama: grouped-query attention (4 query heads on 2 key/value heads of 16), a vocabulary a
+# SentencePiece tokenizer of 300 pieces fills, and a context of 128.
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=128, max_seq_len=128)
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +23,55 @@ def shared_data() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SHARED_DATA
+
+
+def tiny_model(args: ModelArgs = TINY, *, seed: int = 0, std: float | None = 0.2, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", **changes) -> Transformer:  # fmt: skip
+    """`llmkit.model.random_model` of `args` (with `changes`, e.g. tie_embeddings=True): every weight drawn from
+    N(0, std) after torch.manual_seed(seed). std 0.2-0.3 gives logits of size ~1-10, so greedy choices are well
+    apart; std=None keeps PyTorch's own initialisation (embeddings N(0, 1), linear layers uniform)."""
+    args = replace(args, **changes)
+    if std is not None:
+        return random_model(args, device, dtype, seed, std)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(args)
+    model = model.to(dtype).eval()
+    model.setup_buffers()
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """The factory of the tests' random models: `make_model(args=TINY, seed=0, std=0.2, dtype, device, **changes)`."""
+    return tiny_model
+
+
+def train_sentencepiece(folder: Path, vocab_size: int = 300, verb: str = "reads") -> Path:
+    """A byte-fallback BPE SentencePiece model (folder/tokenizer.model) trained on 300 lines about a model that
+    `verb`s text: the same verb and size give the same file, another verb another tokenizer of that size."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "text.txt"
+    text.write_text("\n".join(f"the model {verb} the text number {i} and writes {i * 3} words" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)  # fmt: skip
+    return folder / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model():
+    """The factory of SentencePiece tokenizers: `sentencepiece_model(folder, vocab_size=300, verb="reads")`."""
+    return train_sentencepiece
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """`tiny_model()` (TINY, std 0.2, seed 0) saved in the kit's format with its SentencePiece tokenizer.
+    Tests read it (llmkit.load) and write elsewhere; nothing may change it."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    from llmkit.checkpoint import save_hf
+
+    save_hf(tiny_model(), tmp / "model", tokenizer_path=train_sentencepiece(tmp))
+    return tmp / "model"

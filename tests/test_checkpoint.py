@@ -18,13 +18,10 @@ def test_permutation_round_trip():
     assert torch.equal(interleaved_to_halves(halves_to_interleaved(w, 8), 8), w)
 
 
-def random_model(tie: bool) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(**{**ARGS.to_dict(), "tie_embeddings": tie}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
+@pytest.fixture
+def random_model(make_model):
+    """Weights N(0, 0.3): logits large enough that a mixed-up weight would show."""
+    return lambda tie: make_model(ARGS, std=0.3, tie_embeddings=tie)
 
 
 def write_llama2c(model: Transformer, path):
@@ -53,7 +50,7 @@ def write_llama2c(model: Transformer, path):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_llama2c_round_trip(tie, tmp_path):
+def test_llama2c_round_trip(tie, tmp_path, random_model):
     model = random_model(tie)
     write_llama2c(model, tmp_path / "m.bin")
     loaded = load_checkpoint(tmp_path / "m.bin")
@@ -63,7 +60,7 @@ def test_llama2c_round_trip(tie, tmp_path):
         assert torch.allclose(loaded(tokens), model(tokens), atol=1e-5)
 
 
-def test_meta_consolidated_pth(tmp_path):
+def test_meta_consolidated_pth(tmp_path, random_model):
     model = random_model(tie=False)
     state = {k: v.clone() for k, v in checkpoint_state(model).items()}
     for i in range(ARGS.n_layers):
@@ -79,7 +76,7 @@ def test_meta_consolidated_pth(tmp_path):
         assert torch.allclose(loaded(tokens), model(tokens), atol=1e-5)
 
 
-def test_truncated_llama2c_is_named(tmp_path):
+def test_truncated_llama2c_is_named(tmp_path, random_model):
     write_llama2c(random_model(tie=True), tmp_path / "m.bin")
     data = (tmp_path / "m.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[: len(data) // 2])
@@ -87,7 +84,7 @@ def test_truncated_llama2c_is_named(tmp_path):
         load_checkpoint(tmp_path / "cut.bin")
 
 
-def test_corrupt_safetensors_is_named(tmp_path):
+def test_corrupt_safetensors_is_named(tmp_path, random_model):
     from llmkit.checkpoint import save_hf
 
     save_hf(random_model(tie=True), tmp_path / "hf")
@@ -97,7 +94,7 @@ def test_corrupt_safetensors_is_named(tmp_path):
         load_checkpoint(tmp_path / "hf")
 
 
-def test_a_missing_projection_is_named(tmp_path):
+def test_a_missing_projection_is_named(tmp_path, random_model):
     """q, k and v load as one matrix; a file without one of them still gets a clear error, not a KeyError."""
     from safetensors.torch import load_file, save_file
 
@@ -112,7 +109,7 @@ def test_a_missing_projection_is_named(tmp_path):
         load_checkpoint(tmp_path / "hf")
 
 
-def test_save_refuses_to_overwrite(tmp_path):
+def test_save_refuses_to_overwrite(tmp_path, random_model):
     from llmkit.checkpoint import save_hf
 
     (tmp_path / "exists").mkdir()

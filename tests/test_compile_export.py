@@ -10,37 +10,24 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from llmkit.aoti import export_aoti, export_program, load_aoti
-from llmkit.checkpoint import save_hf
 from llmkit.compile import compile
 from llmkit.errors import LLMKitError
+from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
 from llmkit.loading import load
-from llmkit.model import ModelArgs, Transformer
+from llmkit.model import ModelArgs
 
 RUNNER = Path(__file__).resolve().parents[1] / "runner" / "build" / "llmkit-run"
 PROMPT = "the model reads the text"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random small model with a SentencePiece tokenizer, saved in the kit's format."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    text = tmp / "text.txt"
-    text.write_text("\n".join(f"the model reads the text number {i} and writes {i * 3} words" for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp / "tokenizer"), vocab_size=300,
-                                   model_type="bpe", byte_fallback=True, minloglevel=2)  # fmt: skip
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=128,
-                                  max_seq_len=128))  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    save_hf(model, tmp / "model", tokenizer_path=tmp / "tokenizer.model")
-    return tmp / "model"
+def tiny(tiny_folder):
+    """conftest's random small model (std 0.2) with a SentencePiece tokenizer, saved in the kit's format."""
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")
@@ -148,20 +135,31 @@ def test_the_input_of_a_one_row_reduction_is_computed_once():
 def test_the_input_of_a_one_row_reduction_stays_in_bfloat16():
     """Inductor sums a bfloat16 one-row matmul in float32, (x.float()[:, :, None] * w.float()[None]).sum(1);
     the x computed once is kept in bfloat16, half the bytes each output row's program reads (on an H100,
-    llama-2-7b shape, int8wo 324.6 -> 345.5 tok/s): x is rounded to bfloat16 once, as eager stores it."""
+    llama-2-7b shape, int8wo 324.6 -> 345.5 tok/s): x is rounded to bfloat16 once, as eager stores it.
+    Without the pass inductor's CPU code holds x in float32."""
+    import re
+
     from torch._inductor.utils import run_and_get_code
 
     def mlp_down(a, b, w):
         x = torch.nn.functional.silu(a) * b
         return (x.float().unsqueeze(2) * w.float().unsqueeze(0)).sum(dim=1)
 
+    def x_buffers(code: str) -> list[str]:
+        """The dtypes of the buffers of x's shape, (1, 64) contiguous, that the generated code allocates."""
+        return re.findall(r"= empty_strided\w*\(\(1, 64\), \(64, 1\), torch\.(\w+)\)", code)
+
     torch.manual_seed(0)
     a, b, w = (torch.randn(shape, dtype=torch.bfloat16) for shape in ((1, 64), (1, 64), (64, 32)))
-    compiled = torch.compile(mlp_down, options={"post_grad_custom_pre_pass": OneRowProductsAsLoops()})
-    out, (code, *_) = run_and_get_code(compiled, a, b, w)
-    assert "buf0 = empty_strided_cpu((1, 64), (64, 1), torch.bfloat16)" in code  # x, computed once
     x = (torch.nn.functional.silu(a.float()) * b.float()).bfloat16()
-    torch.testing.assert_close(out, (x.float()[:, :, None] * w.float()[None]).sum(1), atol=1e-5, rtol=1e-5)
+    for options, dtypes in (({"post_grad_custom_pre_pass": OneRowProductsAsLoops()}, ["bfloat16"]), ({}, None)):
+        torch._dynamo.reset()
+        out, (code, *_) = run_and_get_code(torch.compile(mlp_down, options=options), a, b, w)
+        if dtypes:  # x, computed once into one buffer, in bfloat16
+            assert x_buffers(code) == dtypes, code
+            torch.testing.assert_close(out, (x.float()[:, :, None] * w.float()[None]).sum(1), atol=1e-5, rtol=1e-5)
+        else:  # the control: what the check tells apart
+            assert "bfloat16" not in x_buffers(code), code
 
 
 def test_the_gpu_tuner_times_kernels_by_the_profiler_only_while_compiling(monkeypatch):
@@ -219,18 +217,33 @@ def test_what_inductor_cannot_compile_runs_eager_with_one_warning(tiny):
         eager.generate(PROMPT, max_new_tokens=20, temperature=0).tokens  # fmt: skip
 
 
-def test_a_ninth_model_still_compiles():
-    """Dynamo keeps at most 8 compiled versions of a function; each LLM gets its own copy of the step."""
+def test_a_ninth_model_still_compiles(make_model):
+    """Dynamo keeps at most 8 compiled versions of a function and runs a ninth caller eager, silently; each LLM
+    gets its own copy of the step, so the ninth model's step is compiled too: a graph of its own, run as
+    compiled code (the profiler sees dynamo's compiled region), with eager's logits within the module's 1e-4 (here
+    of size ~0.5, where another model's differ by ~0.3)."""
     import warnings
 
-    from llmkit.generate import LLM
-    from llmkit.model import random_model
+    from torch._dynamo.utils import counters
 
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=16)
+    tokens = torch.tensor([[5, 6, 7, 8]])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile can't compile")
         for seed in range(9):
-            compile(LLM(random_model(args, torch.device("cpu"), torch.float32, seed), None, name=f"model {seed}"))
+            graphs = counters["stats"]["unique_graphs"]
+            llm = compile(LLM(make_model(args, seed=seed), None, name=f"model {seed}"))
+            assert counters["stats"]["unique_graphs"] == graphs + 1, f"model {seed} compiled no graph"
+    assert llm.compile_time > 0 and llm.step is not llm.model
+    with torch.inference_mode():
+        expected = llm.model(tokens)[:, -1]  # no cache: the whole sequence at once, eager
+        llm.step(tokens[:, :3], torch.arange(3))  # the prefill runs eager (compile(prefill=False))
+        with torch.profiler.profile() as prof:
+            decoded = llm.step(torch.tensor([[8]]), torch.tensor([3]))[:, -1]
+    events = {e.name for e in prof.events()}
+    assert any(e.startswith("Torch-Compiled Region") for e in events), "the decode step ran eager"
+    assert not any("compile_inner" in e for e in events), "the decode step compiled again"
+    assert expected.abs().max() > 0.1 and (decoded - expected).abs().max() <= 1e-4
 
 
 def test_cpp_runner_gives_the_python_greedy_tokens(package, tiny):
@@ -247,7 +260,7 @@ def test_cpp_runner_gives_the_python_greedy_tokens(package, tiny):
     assert "decode" in result.stderr
 
 
-def test_export_bad_input(tiny, package, tmp_path):
+def test_export_bad_input(tiny, package, tmp_path, make_model):
     with pytest.raises(LLMKitError, match="does not exist"):
         export_aoti(load(tiny), tmp_path / "missing" / "x.pt2")
     with pytest.raises(LLMKitError, match="already exists"):
@@ -260,7 +273,8 @@ def test_export_bad_input(tiny, package, tmp_path):
     junk.write_bytes(b"not a zip")
     with pytest.raises(LLMKitError, match="not a loadable llmkit AOTInductor package"):
         load_aoti(junk)
-    older = tmp_path / "one_model.pt2"  # llmkit's format 1: a single dynamic-length model
-    torch._inductor.aoti_compile_and_package(export_program(load(tiny)), package_path=str(older))
+    older = tmp_path / "one_model.pt2"  # llmkit's format 1: a single dynamic-length model (of one small layer)
+    small = LLM(make_model(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=32, max_seq_len=8)), None)
+    torch._inductor.aoti_compile_and_package(export_program(small), package_path=str(older))
     with pytest.raises(LLMKitError, match="not a loadable llmkit AOTInductor package .*export it again"):
         load_aoti(older)

@@ -17,7 +17,7 @@ from llmkit.checkpoint import load_checkpoint
 from llmkit.cli import main
 from llmkit.errors import LLMKitError
 from llmkit.evaluate import perplexity, read_text, score_ids, unigram_perplexity
-from llmkit.model import ModelArgs, Transformer
+from llmkit.model import ModelArgs
 from llmkit.train import TrainConfig, lr_at, prepare_corpus
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "pydoc-lm"
@@ -25,6 +25,7 @@ SHIPPED_FILES = ("README.md", "config.json", "model.safetensors", "tokenizer.mod
 
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
+LETTER_MODEL = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=28, hidden_dim=32, max_seq_len=8)
 
 
 class LetterTokenizer:
@@ -100,8 +101,8 @@ def test_perplexity_of_a_known_distribution_matches_the_hand_computed_value():
     assert result.value == pytest.approx(expected, rel=1e-6)
 
 
-def test_uniform_transformer_has_perplexity_equal_to_its_vocabulary():
-    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=28, hidden_dim=32, max_seq_len=8))
+def test_uniform_transformer_has_perplexity_equal_to_its_vocabulary(make_model):
+    model = make_model(LETTER_MODEL)
     torch.nn.init.zeros_(model.output.weight)  # every logit 0: a uniform distribution
     llm = SimpleNamespace(model=model, tokenizer=LetterTokenizer(), device="cpu")
     assert perplexity(llm, "hello world\n\nagain", seq_len=8).value == pytest.approx(28, rel=1e-5)
@@ -116,8 +117,8 @@ def test_unigram_perplexity_by_hand():
 
 
 @pytest.mark.parametrize("seq_len", [0, 1, 9])
-def test_bad_seq_len_is_refused(seq_len):
-    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=28, hidden_dim=32, max_seq_len=8))
+def test_bad_seq_len_is_refused(seq_len, make_model):
+    model = make_model(LETTER_MODEL)
     llm = SimpleNamespace(model=model, tokenizer=LetterTokenizer(), device="cpu")
     with pytest.raises(LLMKitError, match="seq-len"):
         perplexity(llm, "abc", seq_len=seq_len)

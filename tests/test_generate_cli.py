@@ -76,7 +76,7 @@ def run_cli(*args):
         (["--temperature", "-1"], "temperature must be 0"),
         (["--dtype", "float64"], "unknown dtype"),
         (["--device", "cuda"], "no usable GPU"),
-        (["--prompt", "word " * 3000], "shorten the prompt"),
+        (["--prompt", "word " * 200], "shorten the prompt"),  # 602 tokens, the context 512
     ],
 )
 def test_bad_input_gives_one_line_and_status_2(args, message, shared_data):

@@ -9,14 +9,12 @@ measured on an H100 (torch 2.11, `python -m pytest -s tests/test_gpu.py` prints 
 2.34: 0.027 unquantized (0.023 with one key head per query head), 0.025 int8wo, 0.027 int4wo-128.
 """
 
-from dataclasses import replace
-
 import pytest
 import torch
 
 from llmkit.compile import compile
 from llmkit.generate import LLM
-from llmkit.model import ModelArgs, random_model
+from llmkit.model import ModelArgs
 from llmkit.quantize import quantize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,11 +23,8 @@ ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, h
 TOLERANCE = 0.1
 
 
-def _model(scheme: str, n_kv_heads: int) -> LLM:
-    model = random_model(replace(ARGS, n_kv_heads=n_kv_heads), torch.device("cuda"), torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(10)  # std 0.2: logits of size ~1, as in a trained model
+def _model(make_model, scheme: str, n_kv_heads: int) -> LLM:
+    model = make_model(ARGS, std=0.2, dtype=torch.bfloat16, device="cuda", n_kv_heads=n_kv_heads)  # logits ~1
     llm = LLM(model, None, name=scheme)
     if scheme != "none":
         quantize(llm, scheme)
@@ -48,11 +43,15 @@ def _logits(llm: LLM, tokens: torch.Tensor) -> torch.Tensor:
 # Grouped key heads (2 for 4 query heads) and one per query head, as llama-2-7b: SDPA may pick another
 # kernel for each, and the compiled step writes cuDNN's attention of one query as sums.
 @pytest.mark.parametrize("scheme, n_kv_heads", [("none", 2), ("none", 4), ("int8wo", 2), ("int4wo-128", 2)])
-def test_compiled_decode_on_the_gpu_matches_eager(scheme, n_kv_heads):
+def test_compiled_decode_on_the_gpu_matches_eager(scheme, n_kv_heads, make_model):
     tokens = torch.randint(0, ARGS.vocab_size, (1, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    eager = _logits(_model(scheme, n_kv_heads), tokens)
-    compiled = compile(_model(scheme, n_kv_heads))
-    other = compile(_model(scheme, n_kv_heads))  # a second graph in the same process leaves the first one alone
+
+    def model() -> LLM:
+        return _model(make_model, scheme, n_kv_heads)
+
+    eager = _logits(model(), tokens)
+    compiled = compile(model())
+    other = compile(model())  # a second graph in the same process leaves the first one alone
     diff = (_logits(compiled, tokens) - eager).abs().max().item()
     print(f"MEASURED {scheme}, {n_kv_heads} key heads: max |compiled - eager| = {diff:.4f}, "
           f"logits up to {eager.abs().max():.2f}")

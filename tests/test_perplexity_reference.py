@@ -1,4 +1,5 @@
-"""Perplexity of stories260K on TinyStories text agrees with transformers on the same checkpoint."""
+"""Perplexity of stories260K on TinyStories text (the first 100k characters: 91 windows of 512 and a partial one)
+agrees with transformers on the same checkpoint."""
 
 import math
 
@@ -14,7 +15,7 @@ from llmkit.evaluate import encode, score_ids, windows
 def test_stories260k_perplexity_matches_transformers(shared_data, tmp_path):
     d = shared_data / "stories260K"
     llm = llmkit.load(d / "stories260K.bin", d / "tok512.bin")
-    text = (shared_data / "tinystories" / "tinystories_valid_head.txt").read_text()
+    text = (shared_data / "tinystories" / "tinystories_valid_head.txt").read_text()[:100_000]  # 46.7k tokens
     ids = torch.from_numpy(encode(text, llm.tokenizer).astype(np.int64))  # what llmkit.perplexity scores
     ours = score_ids(llm.model, ids, 512, progress=False)
 
@@ -29,5 +30,6 @@ def test_stories260k_perplexity_matches_transformers(shared_data, tmp_path):
             count = batch[:, 1:].numel()
             nll, n = nll + hf(input_ids=batch, labels=batch).loss.item() * count, n + count
     theirs = math.exp(nll / n)
-    assert ours.n_tokens == n > 300_000
+    assert ours.n_tokens == n > 40_000
+    assert len(full) >= 64 and 1 < len(batches[-1][0]) < 512  # two full batches and a partial last window
     assert abs(ours.value - theirs) / theirs < 1e-3, (ours.value, theirs)

@@ -11,11 +11,10 @@ element: measured 0 to 3.5% of the quantization change). We allow 10% and requir
 """
 
 import pytest
-import sentencepiece as spm
 import torch
 from torch import nn
 
-from llmkit.checkpoint import load_checkpoint, save_hf, save_meta
+from llmkit.checkpoint import load_checkpoint, save_meta
 from llmkit.errors import LLMKitError
 from llmkit.executorch import (
     TextRunner,
@@ -31,38 +30,22 @@ from llmkit.executorch import (
 from llmkit.files import sha256
 from llmkit.generate import LLM
 from llmkit.loading import load
-from llmkit.model import Attention, ModelArgs, Transformer
+from llmkit.model import Attention
 from llmkit.quantize import quantize
 from llmkit.tokenizer import load_tokenizer
 
 PROMPT = "the model reads the text"
-ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=128, max_seq_len=128)
+VOCAB, CONTEXT, KV_HEADS = 300, 128, 2  # conftest.TINY's
 # what stays outside XNNPACK, per forward call: see notebooks/07_executorch.ipynb for why each one does
 OUTSIDE = {"aten::embedding.out": 1, "aten::index.Tensor_out": 2, "aten::select_copy.int_out": 2,
            "aten::_local_scalar_dense": 2, "llama::update_cache.out": 4, "llama::custom_sdpa.out": 2,
            "delegate:XnnpackBackend": 3}  # fmt: skip
 
 
-def tokenizer_model(folder, vocab_size: int, verb: str = "reads"):
-    folder.mkdir(exist_ok=True)
-    text = folder / "text.txt"
-    text.write_text("\n".join(f"the model {verb} the text number {i} and writes {i * 3} words" for i in range(300)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
-                                   model_type="bpe", byte_fallback=True, minloglevel=2)  # fmt: skip
-    return folder / "tokenizer.model"
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random 2-layer model with grouped-query attention and a SentencePiece tokenizer, in the kit's format."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = Transformer(ARGS)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    save_hf(model, tmp / "model", tokenizer_path=tokenizer_model(tmp, 300))
-    return tmp / "model"
+def tiny(tiny_folder):
+    """conftest's random 2-layer model (std 0.2) with grouped-query attention and a SentencePiece tokenizer."""
+    return tiny_folder
 
 
 def quantize_8da4w(llm):
@@ -89,7 +72,7 @@ def quantized(tiny, tmp_path_factory):
 
 
 def tokens(n: int = 30) -> torch.Tensor:
-    return torch.randint(0, ARGS.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(0))
 
 
 def greedy(llm, n: int = 40) -> list[int]:
@@ -106,7 +89,7 @@ def test_custom_op_modules_match_eager(tiny):
             assert (swapped(t, pos) - eager(t, pos)).abs().max() <= 1e-5
     assert all(type(layer.attention) is Attention for layer in eager.layers)
     assert swapped.layers[0].attention.wq.weight.data_ptr() == eager.layers[0].attention.wqkv.weight.data_ptr()
-    assert swapped.layers[0].attention.kv_cache.k_cache.shape == (1, ARGS.max_seq_len, ARGS.n_kv_heads, 16)
+    assert swapped.layers[0].attention.kv_cache.k_cache.shape == (1, CONTEXT, KV_HEADS, 16)
 
 
 def test_fp32_pte_matches_eager(tiny, fp32_pte):
@@ -174,7 +157,7 @@ def test_export_bad_input(tiny, fp32_pte, tmp_path):
     assert sorted(p.name for p in fp32_pte.parent.iterdir()) == before == ["tiny.pte", "tiny.tokenizer.model"]
 
 
-def test_load_bad_input(tiny, fp32_pte, tmp_path):
+def test_load_bad_input(tiny, fp32_pte, tmp_path, sentencepiece_model):
     junk = tmp_path / "junk.pte"
     junk.write_bytes(b"not a program" * 10)
     with pytest.raises(LLMKitError, match="is not an ExecuTorch program"):
@@ -187,11 +170,15 @@ def test_load_bad_input(tiny, fp32_pte, tmp_path):
     lonely.write_bytes(fp32_pte.read_bytes())
     with pytest.raises(LLMKitError, match="tokenizer .* is missing"):
         load_pte(lonely)
-    bigger = tokenizer_model(tmp_path, 400)
+    bigger = sentencepiece_model(tmp_path, 400)
     with pytest.raises(LLMKitError, match="has 400 tokens but .* knows 300"):
         load_pte(fp32_pte, bigger)
+    _, meta = check_pte(fp32_pte)
+    from_elsewhere = {k: v for k, v in meta.items() if k != "llmkit_metadata"}  # export_llm's: no checksum to check
+    with pytest.raises(LLMKitError, match="has 400 tokens but .* knows 300"):
+        pte_tokenizer(fp32_pte, from_elsewhere, bigger)
     with pytest.raises(LLMKitError, match="checksum differs"):
-        TextRunner(fp32_pte, tokenizer_model(tmp_path / "other", 300, verb="writes"))
+        TextRunner(fp32_pte, sentencepiece_model(tmp_path / "other", 300, verb="writes"))
 
 
 def plain_program(folder):
@@ -218,7 +205,7 @@ def test_prompt_longer_than_the_context(fp32_pte):
 def test_meta_checkpoint_round_trip(tiny, tmp_path):
     """What export_llm reads: Meta's layout, q/k rows back in interleaved order; llmkit loads it to the same model."""
     llm = load(tiny)
-    again = load_checkpoint(save_meta(llm.model, tmp_path / "meta"), max_seq_len=ARGS.max_seq_len)
+    again = load_checkpoint(save_meta(llm.model, tmp_path / "meta"), max_seq_len=CONTEXT)
     with torch.no_grad():
         assert torch.equal(again(tokens()), llm.model(tokens()))
 

@@ -31,9 +31,9 @@ def tokenizer(shared_data):
 
 
 @pytest.fixture
-def tiny(tokenizer) -> LLM:
-    torch.manual_seed(0)
-    return LLM(Transformer(TINY).eval(), tokenizer, name="tiny")
+def tiny(tokenizer, make_model) -> LLM:
+    """PyTorch's own initialisation (embeddings N(0, 1), tied to the output): logits well apart."""
+    return LLM(make_model(TINY, std=None), tokenizer, name="tiny")
 
 
 @pytest.fixture
@@ -111,11 +111,9 @@ def test_group_size_must_divide_every_layer(stories):
     quantize(llm, "8da4w-4")
 
 
-def test_int4_needs_rows_in_multiples_of_16():
-    from llmkit.model import random_model
-
+def test_int4_needs_rows_in_multiples_of_16(make_model):
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, hidden_dim=128, max_seq_len=16)
-    llm = LLM(random_model(args, torch.device("cpu"), torch.bfloat16), None, name="vocab 300")
+    llm = LLM(make_model(args, std=0.02, dtype=torch.bfloat16), None, name="vocab 300")
     with pytest.raises(LLMKitError, match=r"output is 300x64 but linear:int4 needs multiples of 16x32; .*8da4w-32"):
         quantize(llm, "int4wo-32")
 

@@ -1,47 +1,79 @@
-"""`llmkit sweep`: the CI sweep runs the benchmark notebook over its grid and collects the results."""
+"""`llmkit sweep`: a sweep runs a parameterized notebook over its grid with papermill and collects the results."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llmkit.bench import across_runs
 from llmkit.errors import LLMKitError
-from llmkit.sweep import read_sweep, run_sweep
+from llmkit.loading import load
+from llmkit.sweep import grid_points, read_sweep, run_name, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ci_sweep_runs_and_collects(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    out = run_sweep(ROOT / "sweeps" / "ci.yaml", tmp_path)
-    runs = json.loads((out / "runs.json").read_text())
-    assert [r["status"] for r in runs] == ["ok", "ok"], runs
-    rows = [json.loads(line) for f in out.glob("*.jsonl") for line in f.read_text().splitlines()]
-    assert {(r["scheme"], r["path"]) for r in rows} == {
-        ("none", "eager"), ("none", "compile"), ("int8wo", "eager"), ("int8wo", "compile")
-    }
-    assert all(r["decode_tokens_per_s"] > 0 and r["weight_bytes"] > 0 for r in rows)
-    int8 = next(r for r in rows if r["scheme"] == "int8wo")
-    none = next(r for r in rows if r["scheme"] == "none")
-    assert int8["weight_bytes"] < 0.6 * none["weight_bytes"]
-    summary = (out / "summary.md").read_text()
-    assert "| default | int8wo | compile |" in summary
-    assert (out / "roofline.png").stat().st_size > 0 and (out / "decode.png").exists()
-    assert len(list(out.glob("*.ipynb"))) == 2
+def bench_notebook(folder: Path) -> Path:
+    """A two-cell notebook as a sweep runs one: papermill's parameters cell, then `bench` on them."""
+    import nbformat
+
+    parameters = nbformat.v4.new_code_cell('source = "stories15M"\nschemes = ["none"]\nnew_tokens = 8\nout = ""')
+    parameters.metadata["tags"] = ["parameters"]
+    run = nbformat.v4.new_code_cell("from llmkit.bench import bench\n\n"
+                                    "rows = bench(source, schemes, ['eager'], prompt_len=4, new_tokens=new_tokens, "
+                                    "repeats=2, out=out or None)")  # fmt: skip
+    path = folder / "bench.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[parameters, run], metadata={"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}}), path)  # fmt: skip
+    return path
 
 
-def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_a_sweep_runs_each_grid_point_records_a_failure_and_collects(tmp_path, tiny_folder):
+    """Each grid point runs the notebook with its parameters; the run that fails is recorded and the next one
+    still runs; summary.md lists both runs and tables the results, which the notebook wrote as bench rows."""
     sweep = tmp_path / "s.yaml"
-    sweep.write_text("name: bad\nnotebook: notebooks/08_benchmarks.ipynb\n"
-                     "parameters: {new_tokens: 4, prompt_len: 4, repeats: 1}\n"
-                     "grid: {source: [no-such-shape, stories15M-typo]}\n")  # fmt: skip
-    out = run_sweep(sweep, tmp_path)
+    sweep.write_text(yaml.safe_dump({"name": "tiny", "notebook": str(bench_notebook(tmp_path)),
+                                     "parameters": {"source": str(tiny_folder), "new_tokens": 8},
+                                     "grid": {"schemes": [["no-such-scheme"], ["none"]]}}))  # fmt: skip
+    out = run_sweep(sweep, tmp_path / "results")
     runs = json.loads((out / "runs.json").read_text())
-    assert [r["status"] for r in runs] == ["failed", "failed"]
-    assert "unknown shape" in runs[0]["error"]
-    assert "every run failed" in (out / "summary.md").read_text()
+    assert [(r["run"], r["status"]) for r in runs] == [("schemes-no-such-scheme", "failed"), ("schemes-none", "ok")]
+    assert "unknown scheme 'no-such-scheme'" in runs[0]["error"]
+    assert sorted(p.name for p in out.glob("*.ipynb")) == ["schemes-no-such-scheme.ipynb", "schemes-none.ipynb"]
+    assert not (out / "schemes-no-such-scheme.jsonl").exists()
+    (row,) = [json.loads(line) for line in (out / "schemes-none.jsonl").read_text().splitlines()]
+    assert (row["source"], row["scheme"], row["path"], row["new_tokens"]) == (str(tiny_folder), "none", "eager", 8)
+    float32_bytes = 4 * sum(p.numel() for p in load(tiny_folder).model.parameters())
+    assert row["decode_tokens_per_s"] > 0 and row["weight_bytes"] == float32_bytes
+    summary = (out / "summary.md").read_text()
+    assert "| schemes-none | ok |" in summary and "| schemes-no-such-scheme | failed: " in summary
+    assert f"| {tiny_folder} | none | eager |" in summary
+    assert (out / "roofline.png").stat().st_size > 0 and (out / "decode.png").stat().st_size > 0
+
+
+def test_the_grid_is_every_combination_of_its_values():
+    points = grid_points({"schemes": [["none"], ["int8wo", "int4wo-32"]], "paths": [["eager", "compile"]], "n": [1, 2]})
+    assert points == [{"schemes": ["none"], "paths": ["eager", "compile"], "n": 1},
+                      {"schemes": ["none"], "paths": ["eager", "compile"], "n": 2},
+                      {"schemes": ["int8wo", "int4wo-32"], "paths": ["eager", "compile"], "n": 1},
+                      {"schemes": ["int8wo", "int4wo-32"], "paths": ["eager", "compile"], "n": 2}]  # fmt: skip
+    assert [run_name(p) for p in points][2:] == ["schemes-int8wo+int4wo-32_paths-eager+compile_n-1",
+                                                 "schemes-int8wo+int4wo-32_paths-eager+compile_n-2"]  # fmt: skip
+
+
+def test_the_ci_sweep_names_the_benchmark_notebook_and_its_parameters():
+    """sweeps/ci.yaml reads as a sweep; its notebook exists and sets, in its parameters cell, every
+    parameter the sweep gives it, so papermill overrides real variables rather than adding unused ones."""
+    import nbformat
+
+    spec = read_sweep(ROOT / "sweeps" / "ci.yaml")
+    notebook = ROOT / spec["notebook"]
+    (cell,) = [c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+    names = set(re.findall(r"^(\w+) =", cell.source, re.MULTILINE))
+    assert set(spec["parameters"]) | set(spec["grid"]) <= names, names
+    assert len(grid_points(spec["grid"])) == 2
 
 
 def test_empty_grid_says_so(tmp_path):
