@@ -3,6 +3,7 @@ fix, no traceback, and nothing the user had changed or left behind."""
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from llmkit.cli import main
 from llmkit.errors import LLMKitError
 from llmkit.files import write_file_atomically
 from llmkit.loading import DEFAULT_MODEL
-from llmkit.model import ModelArgs, random_model
 
 TOKENIZER = DEFAULT_MODEL / "tokenizer.model"  # SentencePiece, 4096 tokens
 
@@ -27,15 +27,6 @@ def refused(capsys, *argv: str, says: str) -> str:
     assert status == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert says in errors[0], errors[0]
     return errors[0]
-
-
-def tiny_model_folder(folder: Path, poison: bool = False) -> Path:
-    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=4096, hidden_dim=64, max_seq_len=64)
-    model = random_model(args)
-    if poison:
-        with torch.no_grad():
-            model.layers[0].feed_forward.w2.weight[0, 0] = float("nan")
-    return save_hf(model, folder, tokenizer_path=TOKENIZER, bos_id=1, eos_ids=[2])
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -59,8 +50,8 @@ def test_a_broken_config_file(tmp_path, capsys, name, text, says):
     refused(capsys, "generate", "--checkpoint-path", tmp_path, says=says)
 
 
-def test_a_broken_shard_index(tmp_path, capsys):
-    folder = tiny_model_folder(tmp_path / "m")
+def test_a_broken_shard_index(tmp_path, capsys, tiny_folder):
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "m"))
     (folder / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
     refused(capsys, "generate", "--checkpoint-path", folder, says="has no weight_map")
 
@@ -71,8 +62,11 @@ def test_a_llama2c_header_whose_sizes_do_not_fit(tmp_path, capsys):
     refused(capsys, "generate", "--checkpoint-path", path, "--tokenizer-path", TOKENIZER, says="does not fit together")
 
 
-def test_weights_holding_nan_are_a_broken_checkpoint(tmp_path, capsys):
-    folder = tiny_model_folder(tmp_path / "m", poison=True)
+def test_weights_holding_nan_are_a_broken_checkpoint(tmp_path, capsys, make_model, tiny_folder):
+    model = make_model()
+    with torch.no_grad():
+        model.layers[0].feed_forward.w2.weight[0, 0] = float("nan")
+    folder = save_hf(model, tmp_path / "m", tokenizer_path=tiny_folder / "tokenizer.model")
     refused(capsys, "generate", "--checkpoint-path", folder, "--max-new-tokens", 4, says="weights are broken")
 
 
