@@ -155,6 +155,13 @@ def bench(
     for p in paths:
         if p not in PATHS:
             raise LLMKitError(f"unknown path {p!r}; use one of {', '.join(PATHS)}")
+    for name, value in (("prompt-len", prompt_len), ("new-tokens", new_tokens), ("repeats", repeats)):
+        if value < 1:
+            raise LLMKitError(f"--{name} must be at least 1, not {value}")
+    if out is not None:  # checked before the measurement, not after it
+        out = Path(out)
+        if not out.parent.is_dir() or out.is_dir():
+            raise LLMKitError(f"--out {out}: give a file in an existing folder (results are appended to it)")
     if is_shape(source):
         shape_args(source, 8)  # an unknown shape fails here, before any work
     workdir = Path(workdir)
@@ -172,7 +179,7 @@ def bench(
         llm = on_path(model, tokenizer, scheme, path, workdir)
         nbytes = model_size(model)
         read_per_token = bytes_read_per_token(model, nbytes)
-        time_generation(llm, min(prompt_len, 8), 8)  # warm-up: compiled kernels, caches, CUDA graphs
+        time_generation(llm, min(prompt_len, 8), min(new_tokens, 8))  # warm-up: compiled kernels, CUDA graphs
         timings = [time_generation(llm, prompt_len, new_tokens) for _ in range(repeats)]
         decode = [t.decode_tokens_per_s for t in timings]
         row = {

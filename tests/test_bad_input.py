@@ -143,6 +143,25 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# ---- benchmarks -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--prompt-len", "0"], "--prompt-len must be at least 1"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--out", "no-such-folder/r.jsonl"], "give a file in an existing folder"),
+])  # fmt: skip
+def test_bench_refuses_before_measuring(capsys, argv, says):
+    refused(capsys, "bench", "--shape", "stories15M", *argv, says=says)
+
+
+def test_bench_with_fewer_new_tokens_than_its_warm_up(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--checkpoint-path", "default", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["new_tokens"] == 2
+
+
 # ---- model lists and sweeps -------------------------------------------------------------------------------
 
 
