@@ -313,6 +313,16 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
 # ---- measuring and saving --------------------------------------------------------------------
 
 
+def quantize_like_export_llm(llm: LLM, group_size: int) -> LLM:
+    """8da4w as ExecuTorch's export_llm applies it, in place: a linear layer whose input width the group size
+    does not divide stays float, where `quantize` refuses the scheme rather than leave a layer unquantized."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    quantize_(llm.model, config, filter_fn=lambda m, _: isinstance(m, nn.Linear) and m.in_features % group_size == 0)
+    return llm
+
+
 def _storages(t: Tensor) -> Iterator[torch.UntypedStorage]:
     """The storages that hold a tensor's data: its own, or a torchao tensor's inner tensors', recursively."""
     if is_traceable_wrapper_subclass(t):
