@@ -48,7 +48,15 @@ def _drop_cuda_library_noise(record: logging.LogRecord) -> bool:
     return torch.cuda.is_available() or not record.getMessage().startswith("Failed to load")
 
 
-logging.getLogger("torchao").addFilter(_drop_cuda_library_noise)  # installed before torchao is first imported
+def _drop_enum_registration_notice(record: logging.LogRecord) -> bool:
+    """torchao 0.18 registers its config enums (KernelPreference, ...) with torch's pytree as constants, which
+    torch 2.13 logs as deprecated once per enum; nothing a user of the kit can change."""
+    return "Calling register_constant() on Enum subclasses is deprecated" not in record.getMessage()
+
+
+# installed before torchao is first imported
+logging.getLogger("torchao").addFilter(_drop_cuda_library_noise)
+logging.getLogger("torch.utils._pytree").addFilter(_drop_enum_registration_notice)
 
 
 PRESETS = {
