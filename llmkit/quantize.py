@@ -20,7 +20,7 @@ the same scheme needs different kernels (and so tensor layouts) on a CPU and on 
 Steps run in the order precision, embedding, linear, whatever the order of the JSON. A group size of 0
 means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
 bfloat16 model (torchao's CPU int4 kernel is slow with float32 activations); on a GPU, int4 takes
-tinygemm's packing, the fastest int4 kernel torchao calls at one token (notebook 08 measures both).
+tinygemm's tile packing, whose kernel ships with torch (torchao's other int4 packings need the MSLK package).
 """
 
 import dataclasses
