@@ -1,4 +1,6 @@
-"""Perplexity: how surprised a model is by a text, exp(mean negative log-likelihood per token).
+"""Judging a model: perplexity on a text, and agreement with a reference model's greedy tokens.
+
+Perplexity is how surprised a model is by a text, exp(mean negative log-likelihood per token).
 
 The text is split into paragraphs (blank-line separated); each is encoded with BOS, as the kit's
 model was trained, and the tokens are concatenated and cut into non-overlapping windows of
@@ -8,6 +10,7 @@ A unigram model (token frequencies, no context) gives the baseline to beat.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from tqdm.auto import tqdm
 
 from llmkit.data import encode, paragraphs
 from llmkit.errors import LLMKitError
+from llmkit.generate import LLM
 
 
 @dataclass(frozen=True)
@@ -93,3 +97,40 @@ def unigram_perplexity(tokenizer, train_text: str, heldout_text: str) -> Perplex
     """The no-context baseline: a model must beat this by far to have learnt anything about order."""
     train_ids, heldout_ids = encode(train_text, tokenizer), encode(heldout_text, tokenizer)
     return unigram_perplexity_of_ids(train_ids, heldout_ids, tokenizer.vocab_size)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    top1: float  # fraction of the reference's greedy tokens that the model also ranks first, fed the same text
+    identical: bool  # the model's own greedy continuation is the reference's, token for token
+    first_difference: int | None  # the index of the first new token where the two part; None when identical
+
+
+@torch.inference_mode()
+def greedy_choices(llm: LLM, prompt_ids: Sequence[int], tokens: Sequence[int]) -> list[int]:
+    """The model's greedy choice after the prompt and after each of `tokens` but the last.
+
+    The tokens go through `llm.step` as generation feeds them (the prompt in one call, then one token a call
+    through the KV cache), so the choices are those `llm.generate` would make, for any way of running the model.
+    """
+    device = llm.device
+    logits = llm.step(torch.tensor([list(prompt_ids)], device=device), torch.arange(len(prompt_ids), device=device))
+    picks = [int(logits[0, -1].argmax())]
+    for pos, token in enumerate(tokens[:-1], start=len(prompt_ids)):
+        logits = llm.step(torch.tensor([[token]], device=device), torch.tensor([pos], device=device))
+        picks.append(int(logits[0, -1].argmax()))
+    return picks
+
+
+def agreement(llm: LLM, prompt: str | Sequence[int], reference: Sequence[int]) -> Agreement:
+    """How closely `llm` follows `reference`, a float model's greedy tokens after `prompt`.
+
+    The model is fed the reference's tokens and its greedy choice is compared at each position. Until the
+    first position where it picks another token, its inputs are its own greedy generation's, so that position
+    is also where its greedy continuation parts from the reference's.
+    """
+    if not reference:
+        raise LLMKitError("the reference has no tokens to agree with; generate at least one token")
+    picks = greedy_choices(llm, llm.encode_prompt(prompt), reference)
+    first = next((i for i, (a, b) in enumerate(zip(picks, reference, strict=True)) if a != b), None)
+    return Agreement(sum(a == b for a, b in zip(picks, reference, strict=True)) / len(reference), first is None, first)

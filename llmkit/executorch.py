@@ -225,6 +225,16 @@ def export_pte(llm: LLM, path: str | Path, force: bool = False) -> Path:
     return write_with_tokenizer(llm, path, write)
 
 
+def round_scales_to_bf16(llm: LLM) -> LLM:
+    """Round an 8da4w model's int4 group scales to bfloat16 in place, as ExecuTorch hands them to XNNPACK, so that
+    the eager model and its program run the same integer arithmetic."""
+    with torch.no_grad():
+        for m in llm.model.modules():
+            if isinstance(m, nn.Linear) and hasattr(m.weight, "scale"):
+                m.weight.scale.copy_(m.weight.scale.bfloat16())
+    return llm
+
+
 def non_delegated_ops(program: "str | Path | ExecutorchProgramManager") -> Counter:
     """How many times forward calls each operator outside a delegate (delegate calls counted by backend).
 

@@ -20,7 +20,7 @@ the same scheme needs different kernels (and so tensor layouts) on a CPU and on 
 Steps run in the order precision, embedding, linear, whatever the order of the JSON. A group size of 0
 means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
 bfloat16 model (torchao's CPU int4 kernel is slow with float32 activations); on a GPU, int4 takes
-tinygemm's packing, the fastest int4 kernel torchao calls at one token (notebook 08 measures both).
+tinygemm's tile packing, whose kernel ships with torch (torchao's other int4 packings need the MSLK package).
 """
 
 import dataclasses
@@ -48,7 +48,15 @@ def _drop_cuda_library_noise(record: logging.LogRecord) -> bool:
     return torch.cuda.is_available() or not record.getMessage().startswith("Failed to load")
 
 
-logging.getLogger("torchao").addFilter(_drop_cuda_library_noise)  # installed before torchao is first imported
+def _drop_enum_registration_notice(record: logging.LogRecord) -> bool:
+    """torchao 0.18 registers its config enums (KernelPreference, ...) with torch's pytree as constants, which
+    torch 2.13 logs as deprecated once per enum; nothing a user of the kit can change."""
+    return "Calling register_constant() on Enum subclasses is deprecated" not in record.getMessage()
+
+
+# installed before torchao is first imported
+logging.getLogger("torchao").addFilter(_drop_cuda_library_noise)
+logging.getLogger("torch.utils._pytree").addFilter(_drop_enum_registration_notice)
 
 
 PRESETS = {
@@ -314,6 +322,16 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
 
 
 # ---- measuring and saving --------------------------------------------------------------------
+
+
+def quantize_like_export_llm(llm: LLM, group_size: int) -> LLM:
+    """8da4w as ExecuTorch's export_llm applies it, in place: a linear layer whose input width the group size
+    does not divide stays float, where `quantize` refuses the scheme rather than leave a layer unquantized."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    quantize_(llm.model, config, filter_fn=lambda m, _: isinstance(m, nn.Linear) and m.in_features % group_size == 0)
+    return llm
 
 
 def _storages(t: Tensor) -> Iterator[torch.UntypedStorage]:

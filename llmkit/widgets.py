@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from llmkit import numerics as nm
+from llmkit import scaled_formats as sf
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM, Generation
 from llmkit.tokenizer import Tokenizer
@@ -209,7 +210,7 @@ EXPLORER_FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_
 def _first_group(format: str, group_size: int | None, n: int) -> int:
     """How many values share the first scale: MX and NVFP4 blocks are fixed, others take the group size."""
     kind, _ = nm.parse_format(format)
-    return {"mx": nm.MX_BLOCK, "nvfp4": nm.NVFP4_BLOCK}.get(kind, group_size or n)
+    return {"mx": sf.MX_BLOCK, "nvfp4": sf.NVFP4_BLOCK}.get(kind, group_size or n)
 
 
 def explore_figure(row: Tensor, out: dict, group_size: int | None) -> Figure:

@@ -1,4 +1,5 @@
-"""The reference codecs of llmkit.numerics against the real implementations: torch's casts and torchao."""
+"""The reference codecs of llmkit.float_formats, scaled_formats and numerics against the real implementations:
+torch's casts and torchao."""
 
 import math
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from llmkit import float_formats as ff
 from llmkit import numerics as nm
+from llmkit import scaled_formats as sf
 from llmkit.errors import LLMKitError
 
 torchao = pytest.importorskip("torchao")
@@ -31,20 +34,20 @@ from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor 
     _apply_int8_act_asym_per_token_quant_dequant,
 )
 
-TORCH_FORMATS = list(nm.TORCH_DTYPES)
+TORCH_FORMATS = list(ff.TORCH_DTYPES)
 SMALL_FORMATS = ["fp6_e3m2", "fp6_e2m3", "fp4_e2m1"]
 
 
 def torch_bits(x: torch.Tensor, name: str) -> torch.Tensor:
     """torch's own cast of x, as unsigned bit patterns in int32."""
-    fmt, dtype = nm.FLOAT_FORMATS[name], nm.TORCH_DTYPES[name]
+    fmt, dtype = ff.FLOAT_FORMATS[name], ff.TORCH_DTYPES[name]
     container = torch.int16 if fmt.bits == 16 else torch.uint8
     return x.to(dtype).view(container).to(torch.int32) & (2**fmt.bits - 1)
 
 
 def all_patterns_as(name: str) -> torch.Tensor:
     """Every bit pattern of a torch float dtype, viewed as that dtype."""
-    fmt, dtype = nm.FLOAT_FORMATS[name], nm.TORCH_DTYPES[name]
+    fmt, dtype = ff.FLOAT_FORMATS[name], ff.TORCH_DTYPES[name]
     bits = torch.arange(2**fmt.bits, dtype=torch.int32)
     if fmt.bits == 16:
         return torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(dtype)
@@ -54,11 +57,11 @@ def all_patterns_as(name: str) -> torch.Tensor:
 def hard_inputs(name: str) -> torch.Tensor:
     """float32 values that test rounding: random magnitudes, every value, halfway ties and their neighbours,
     subnormals, the max and just above it, infinities, NaN and signed zeros."""
-    fmt = nm.FLOAT_FORMATS[name]
+    fmt = ff.FLOAT_FORMATS[name]
     gen = torch.Generator().manual_seed(0)
     scales = torch.logspace(-12, 12, 25) if fmt.bits > 8 else torch.logspace(-4, 5, 10)
     random = (torch.randn(len(scales), 4000, generator=gen) * scales[:, None]).flatten()
-    values = nm.representable_values(fmt).double()
+    values = ff.representable_values(fmt).double()
     ties = ((values[1:] + values[:-1]) / 2).float()  # exact in float32 for these formats
     up, down = torch.tensor(math.inf), torch.tensor(-math.inf)
     edges = torch.tensor([fmt.max, fmt.max * 1.01, fmt.max * 1.0625, fmt.max * 1.2, fmt.max * 4, fmt.min_subnormal / 2,
@@ -74,22 +77,22 @@ def hard_inputs(name: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", TORCH_FORMATS)
 def test_format_description_matches_torch_finfo(name):
-    fmt, info = nm.FLOAT_FORMATS[name], torch.finfo(nm.TORCH_DTYPES[name])
+    fmt, info = ff.FLOAT_FORMATS[name], torch.finfo(ff.TORCH_DTYPES[name])
     assert (fmt.bits, fmt.max, fmt.min_normal) == (info.bits, info.max, info.smallest_normal)
 
 
 def test_small_format_values_and_maxima():
-    assert nm.representable_values("fp4_e2m1").tolist() == [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]
-    assert (nm.FP6_E3M2.max, nm.FP6_E2M3.max, nm.FP4_E2M1.max) == (28.0, 7.5, 6.0)
-    assert len(nm.representable_values("fp6_e2m3")) == 63 and len(nm.representable_values("fp8_e4m3")) == 253
-    assert nm.decode(torch.tensor([0x7E, 0x7F, 0x01, 0x80]), "fp8_e4m3")[[0, 2, 3]].tolist() == [448, 2**-9, -0.0]
+    assert ff.representable_values("fp4_e2m1").tolist() == [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    assert (ff.FP6_E3M2.max, ff.FP6_E2M3.max, ff.FP4_E2M1.max) == (28.0, 7.5, 6.0)
+    assert len(ff.representable_values("fp6_e2m3")) == 63 and len(ff.representable_values("fp8_e4m3")) == 253
+    assert ff.decode(torch.tensor([0x7E, 0x7F, 0x01, 0x80]), "fp8_e4m3")[[0, 2, 3]].tolist() == [448, 2**-9, -0.0]
 
 
 @pytest.mark.parametrize("name", TORCH_FORMATS)
 def test_decode_equals_torch_on_every_bit_pattern(name):
-    fmt = nm.FLOAT_FORMATS[name]
+    fmt = ff.FLOAT_FORMATS[name]
     reference = all_patterns_as(name).float()
-    mine = nm.decode(torch.arange(2**fmt.bits), fmt)
+    mine = ff.decode(torch.arange(2**fmt.bits), fmt)
     assert torch.equal(mine.isnan(), reference.isnan())
     finite = ~reference.isnan()
     assert torch.equal(mine[finite].view(torch.int32), reference[finite].view(torch.int32))  # -0.0 included
@@ -98,34 +101,34 @@ def test_decode_equals_torch_on_every_bit_pattern(name):
 @pytest.mark.parametrize("name", TORCH_FORMATS)
 def test_encode_equals_torch_cast_bit_for_bit(name):
     x = hard_inputs(name)
-    assert torch.equal(nm.encode(x, name).to(torch.int32), torch_bits(x, name))
+    assert torch.equal(ff.encode(x, name).to(torch.int32), torch_bits(x, name))
 
 
 @pytest.mark.parametrize("name", TORCH_FORMATS)
 def test_every_value_round_trips(name):
     values = all_patterns_as(name).float()
     values = values[values.isfinite()]
-    assert torch.equal(nm.decode(nm.encode(values, name), name).view(torch.int32), values.view(torch.int32))
+    assert torch.equal(ff.decode(ff.encode(values, name), name).view(torch.int32), values.view(torch.int32))
 
 
 def test_saturation_rules():
     big = torch.tensor([500.0, 1e6, math.inf, -math.inf])
-    assert nm.round_to_format(big, "fp8_e4m3").tolist() == [448, 448, 448, -448]  # torch >= 2.12 saturates
-    assert nm.round_to_format(big, "fp8_e4m3", saturate=False).isnan().all()  # the OCP non-saturating mode
-    assert nm.round_to_format(torch.tensor([61439.0, 61440.0]), "fp8_e5m2").tolist() == [57344, math.inf]
-    assert nm.round_to_format(torch.tensor([61440.0]), "fp8_e5m2", saturate=True).item() == 57344
-    assert nm.round_to_format(torch.tensor([7.0, -100.0, math.inf]), "fp4_e2m1").tolist() == [6, -6, 6]
-    assert nm.round_to_format(torch.tensor([2.5, 3.5, 0.25, 0.75]), "fp4_e2m1").tolist() == [2, 4, 0, 1]  # ties to even
+    assert ff.round_to_format(big, "fp8_e4m3").tolist() == [448, 448, 448, -448]  # torch >= 2.12 saturates
+    assert ff.round_to_format(big, "fp8_e4m3", saturate=False).isnan().all()  # the OCP non-saturating mode
+    assert ff.round_to_format(torch.tensor([61439.0, 61440.0]), "fp8_e5m2").tolist() == [57344, math.inf]
+    assert ff.round_to_format(torch.tensor([61440.0]), "fp8_e5m2", saturate=True).item() == 57344
+    assert ff.round_to_format(torch.tensor([7.0, -100.0, math.inf]), "fp4_e2m1").tolist() == [6, -6, 6]
+    assert ff.round_to_format(torch.tensor([2.5, 3.5, 0.25, 0.75]), "fp4_e2m1").tolist() == [2, 4, 0, 1]  # ties to even
 
 
 @pytest.mark.parametrize("name", SMALL_FORMATS)
 def test_small_formats_equal_torchao(name):
-    fmt = nm.FLOAT_FORMATS[name]
+    fmt = ff.FLOAT_FORMATS[name]
     codes = torch.arange(2**fmt.bits, dtype=torch.uint8)
-    assert torch.equal(nm.decode(codes, fmt), _floatx_unpacked_to_f32(codes, fmt.ebits, fmt.mbits))
+    assert torch.equal(ff.decode(codes, fmt), _floatx_unpacked_to_f32(codes, fmt.ebits, fmt.mbits))
     x = hard_inputs(name)
     x = x[~x.isnan()]  # torchao has no NaN rule for these formats
-    assert torch.equal(nm.encode(x, fmt), _f32_to_floatx_unpacked(x, fmt.ebits, fmt.mbits))
+    assert torch.equal(ff.encode(x, fmt), _f32_to_floatx_unpacked(x, fmt.ebits, fmt.mbits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def torchao_affine(x, bits, block, symmetric, eps=None):
 def assert_int_equal(enc, q, scale, zp, x_hat):
     assert torch.equal(enc.codes, q) and torch.equal(enc.scales, scale)
     assert torch.equal(enc.zero_points, zp) if enc.zero_points is not None else not zp.any()
-    assert torch.equal(nm.dequantize(enc), x_hat)
+    assert torch.equal(nm.dequantize_tensor(enc), x_hat)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -161,21 +164,21 @@ def assert_int_equal(enc, q, scale, zp, x_hat):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int_equals_torchao_affine_primitives(bits, group_size, symmetric):
     w = weights()
-    enc = nm.quantize_int(w, bits, group_size=group_size, symmetric=symmetric)
+    enc = sf.quantize_int(w, bits, group_size=group_size, symmetric=symmetric)
     assert_int_equal(enc, *torchao_affine(w, bits, (1, group_size or w.shape[1]), symmetric))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int_equals_torchao_in_half_precision(dtype):
     w = weights(dtype=dtype)
-    enc = nm.quantize_int(w, 4, group_size=32, symmetric=False)
+    enc = sf.quantize_int(w, 4, group_size=32, symmetric=False)
     assert enc.scales.dtype == dtype
     assert_int_equal(enc, *torchao_affine(w, 4, (1, 32), symmetric=False))
 
 
 def test_int_per_tensor_equals_torchao():
     w = weights()
-    enc = nm.quantize_int(w, 8, granularity="per_tensor", symmetric=False)
+    enc = sf.quantize_int(w, 8, granularity="per_tensor", symmetric=False)
     assert_int_equal(enc, *torchao_affine(w, 8, tuple(w.shape), symmetric=False))
 
 
@@ -204,10 +207,10 @@ def test_int_equals_quantize_on_linear(config, params):
     linear.weight.data = w.clone()
     quantize_(linear, config)
     q = linear.weight
-    enc = nm.quantize_int(w, **params)
+    enc = sf.quantize_int(w, **params)
     assert torch.equal(enc.codes, q.qdata) and torch.equal(enc.scales, q.scale)
     assert torch.equal(enc.zero_points, q.zero_point) if enc.zero_points is not None else not q.zero_point.any()
-    assert torch.equal(nm.dequantize(enc), q.dequantize())
+    assert torch.equal(nm.dequantize_tensor(enc), q.dequantize())
 
 
 def test_scaled_fp8_equals_float8_weight_only():
@@ -216,9 +219,9 @@ def test_scaled_fp8_equals_float8_weight_only():
     linear.weight.data = w.clone()
     quantize_(linear, Float8WeightOnlyConfig())
     q = linear.weight
-    enc = nm.quantize_float(w, "fp8_e4m3", granularity="per_channel")
+    enc = sf.quantize_float(w, "fp8_e4m3", granularity="per_channel")
     assert torch.equal(enc.codes, q.qdata.view(torch.uint8)) and torch.equal(enc.scales, q.scale)
-    assert torch.equal(nm.dequantize(enc), q.dequantize())
+    assert torch.equal(nm.dequantize_tensor(enc), q.dequantize())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,19 +252,19 @@ MX_CASES = [
 def test_mx_equals_torchao_mxtensor(elem_dtype, name, dtype):
     x = block_input().to(dtype)
     reference = MXTensor.to_mx(x, elem_dtype, block_size=32)
-    enc = nm.quantize(x, name)
-    codes = nm.pack_fp4(enc.codes) if name == "mxfp4" else enc.codes
+    enc = nm.quantize_tensor(x, name)
+    codes = sf.pack_fp4(enc.codes) if name == "mxfp4" else enc.codes
     assert torch.equal(codes, reference.qdata.view(torch.uint8))
     assert torch.equal(enc.scales, reference.scale.view(torch.uint8))
-    assert torch.equal(nm.dequantize(enc), reference.dequantize(dtype))
+    assert torch.equal(nm.dequantize_tensor(enc), reference.dequantize(dtype))
 
 
 def test_mx_nan_block_has_the_nan_scale():
     x = torch.ones(2, 64)
     x[1, 3] = math.nan
-    enc = nm.quantize_mx(x, "fp8_e4m3")
+    enc = sf.quantize_mx(x, "fp8_e4m3")
     assert enc.scales.tolist() == [[119, 119], [255, 119]]  # 2^(0 - 8): 1.0 is 256 in e4m3 units
-    x_hat = nm.dequantize(enc)
+    x_hat = nm.dequantize_tensor(enc)
     assert x_hat[1, :32].isnan().all() and torch.equal(x_hat[[0]], x[[0]]) and torch.equal(x_hat[1, 32:], x[1, 32:])
     assert torch.equal(enc.codes, MXTensor.to_mx(x, torch.float8_e4m3fn).qdata.view(torch.uint8))
 
@@ -271,11 +274,11 @@ def test_nvfp4_equals_torchao_nvfp4tensor(two_level):
     x = block_input()
     scale = per_tensor_amax_to_scale(x.abs().amax()) if two_level else None
     reference = NVFP4Tensor.to_nvfp4(x, per_tensor_scale=scale)
-    enc = nm.quantize_nvfp4(x, tensor_scale=two_level)
-    assert torch.equal(nm.pack_fp4(enc.codes), reference.qdata.view(torch.uint8))
+    enc = sf.quantize_nvfp4(x, tensor_scale=two_level)
+    assert torch.equal(sf.pack_fp4(enc.codes), reference.qdata.view(torch.uint8))
     assert torch.equal(enc.scales, reference.scale.view(torch.uint8))
     assert (enc.tensor_scale is None) == (scale is None) and (scale is None or torch.equal(enc.tensor_scale, scale))
-    assert torch.equal(nm.dequantize(enc), reference.dequantize(torch.float32))
+    assert torch.equal(nm.dequantize_tensor(enc), reference.dequantize(torch.float32))
 
 
 def test_nvfp4_equals_nvfp4_weight_only_on_linear():
@@ -287,13 +290,13 @@ def test_nvfp4_equals_nvfp4_weight_only_on_linear():
     linear.weight.data = w.clone()
     quantize_(linear, NVFP4WeightOnlyConfig())
     q = linear.weight
-    enc = nm.quantize_nvfp4(w)
+    enc = sf.quantize_nvfp4(w)
     assert q.is_swizzled_scales  # tiled for the tensor cores: undo the tiling to compare
     scales = from_blocked(q.scale, w.shape[0], w.shape[1] // 16).view(torch.uint8)
-    assert torch.equal(nm.pack_fp4(enc.codes), q.qdata) and torch.equal(enc.scales, scales)
+    assert torch.equal(sf.pack_fp4(enc.codes), q.qdata) and torch.equal(enc.scales, scales)
     assert torch.equal(enc.tensor_scale, q.per_tensor_scale)
-    assert torch.equal(nm.block_scale_values(enc), q.get_hp_scales())
-    assert torch.equal(nm.dequantize(enc), q.dequantize(torch.float32))
+    assert torch.equal(sf.block_scale_values(enc), q.get_hp_scales())
+    assert torch.equal(nm.dequantize_tensor(enc), q.dequantize(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,9 +327,10 @@ def test_storage_counts_scales_and_zero_points():
         ("bf16", ()): 16,
     }
     for (format, params), expected in bits.items():
-        enc = nm.quantize(w, format, **dict(params))
+        enc = nm.quantize_tensor(w, format, **dict(params))
         assert nm.effective_bits_per_weight(enc) == pytest.approx(expected), format
-    assert nm.bits_per_value(nm.quantize(w, "nvfp4")) == 4 and nm.bits_per_value(nm.quantize(w, "int3")) == 3
+    assert nm.bits_per_value(nm.quantize_tensor(w, "nvfp4")) == 4
+    assert nm.bits_per_value(nm.quantize_tensor(w, "int3")) == 3
 
 
 def test_metrics():
@@ -406,16 +410,16 @@ def test_fake_quantize_linears_pads_to_whole_blocks():
         (lambda w: nm.fake_quantize(w[:, :40], "nvfp4"), "does not divide"),
         (lambda w: nm.fake_quantize(w, "int9"), "2 to 8 bits"),
         (lambda w: nm.fake_quantize(w, "int", bits=1), "2 to 8 bits"),
-        (lambda w: nm.quantize_int(w, bits=16), "2 to 8 bits"),
+        (lambda w: sf.quantize_int(w, bits=16), "2 to 8 bits"),
         (lambda w: nm.fake_quantize(w.to(torch.int32), "int8"), "floating-point tensor"),
-        (lambda w: nm.encode(torch.arange(4), "fp8_e4m3"), "floating-point tensor"),
+        (lambda w: ff.encode(torch.arange(4), "fp8_e4m3"), "floating-point tensor"),
         (lambda w: nm.fake_quantize(w.tolist(), "int8"), "floating-point tensor"),
         (lambda w: nm.fake_quantize(w, "mxfp4", group_size=32), "takes no parameter group_size"),
         (lambda w: nm.fake_quantize(w, "int4", bits=8), "use format 'int'"),
-        (lambda w: nm.quantize_int(w, granularity="per_row"), "unknown granularity"),
-        (lambda w: nm.quantize_int(w, granularity="per_group"), "needs a group_size"),
-        (lambda w: nm.quantize_mx(w, "bf16"), "MX elements"),
-        (lambda w: nm.encode(w, "fp4_e2m1", saturate=False), "saturate=True"),
+        (lambda w: sf.quantize_int(w, granularity="per_row"), "unknown granularity"),
+        (lambda w: sf.quantize_int(w, granularity="per_group"), "needs a group_size"),
+        (lambda w: sf.quantize_mx(w, "bf16"), "MX elements"),
+        (lambda w: ff.encode(w, "fp4_e2m1", saturate=False), "saturate=True"),
         (lambda w: nm.fake_quantize(torch.tensor(1.0), "mxfp4"), "0-dim"),
     ],
 )  # fmt: skip
