@@ -280,3 +280,20 @@ def test_book_formulas_typeset_offline(page, book: str) -> None:
     assert fonts and all(status == 200 for status in fonts.values()), f"MathJax font requests: {fonts}"
     assert any(status == "loaded" for _, status in state["fonts"]), f"no MathJax font loaded: {state['fonts']}"
     assert all(status != "error" for _, status in state["fonts"]), f"MathJax fonts: {state['fonts']}"
+
+
+def test_book_pages_ask_no_other_host(page, book: str) -> None:
+    """No page of the book fetches anything from another host (a CDN's script, font or style) as it is read."""
+    pages = sorted(p.relative_to(BOOK).as_posix() for p in BOOK.rglob("*.html"))
+    pages = [path for path in pages if not path.startswith("_static/")]  # theme templates, not pages
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    remote = {}
+    for path in pages:
+        requests.clear()
+        page.goto(f"{book}/{path}", wait_until="networkidle")
+        asked = [url for url in requests if not LOCAL.match(url) and not url.startswith(("data:", "blob:"))]
+        if asked:
+            remote[path] = asked
+    assert len(pages) > 10, f"only {pages} in the built book"
+    assert not remote, f"pages that asked other hosts: {remote}"
