@@ -6,6 +6,16 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llmkit"
 MAX_LINES = 450
+# The layers of README.md's Layout section, bottom first: a module imports only from its own layer or below.
+LAYERS = [
+    {"errors", "files", "devices", "version"},
+    {"model", "tokenizer", "float_formats", "scaled_formats", "numerics", "data"},
+    {"checkpoint", "sampling", "generate", "loading"},
+    {"quantize", "evaluate", "chat", "hub"},
+    {"graph_passes", "compile", "artifacts", "aoti", "executorch"},
+    {"bench", "pte_bench", "sweep", "plots", "widgets", "train"},
+    {"cli", "__main__", "__init__"},
+]
 
 
 def modules() -> dict[str, ast.Module]:
@@ -62,6 +72,14 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_import_cycle_among_llmkit_modules():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_module_has_its_layer_and_imports_none_above_it():
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    graph = import_graph()
+    assert set(graph) == set(layer), f"modules not in README's layers (or gone): {set(graph) ^ set(layer)}"
+    upward = [f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer[d] > layer[m]]
+    assert not upward, f"imports of a higher layer: {upward}"
 
 
 def test_only_the_entry_points_import_the_command_line():
