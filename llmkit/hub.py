@@ -92,7 +92,7 @@ def _model_info(alias: str, entry: dict, path: Path) -> ModelInfo:
     if not isinstance(entry, dict):
         raise LLMKitError(f"{path}: the entry for {alias} is a {type(entry).__name__}, not an object of fields")
     for field, kind in FIELD_TYPES.items():
-        if field in entry and not (isinstance(entry[field], kind) and (kind is not int or type(entry[field]) is int)):
+        if field in entry and type(entry[field]) is not kind:  # JSON's true is no size, nor 1 a flag
             raise LLMKitError(f"{path}: {alias}'s {field} is {entry[field]!r}; it must be a {kind.__name__}")
     files = entry.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
