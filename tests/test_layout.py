@@ -12,7 +12,7 @@ LAYERS = [
     {"model", "tokenizer", "float_formats", "scaled_formats", "numerics", "data"},
     {"checkpoint", "sampling", "generate", "loading"},
     {"quantize", "evaluate", "chat", "hub"},
-    {"graph_passes", "compile", "artifacts", "aoti", "executorch"},
+    {"cpu_codegen", "graph_passes", "compile", "artifacts", "aoti", "executorch"},
     {"bench", "pte_bench", "sweep", "plots", "widgets", "train"},
     {"cli", "__main__", "__init__"},
 ]
