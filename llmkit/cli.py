@@ -165,6 +165,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
               top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from llmkit.engine import Engine
+    from llmkit.serve import serve
+
+    if not 0 <= args.port <= 65535:
+        raise LLMKitError(f"--port must be 0 to 65535, not {args.port}")
+    llm = load_from_args(args)
+    engine = Engine(llm, args.max_batch_size, args.max_queue)
+    serve(engine, args.host, args.port, args.api_key,
+          on_ready=lambda url: print(f"serving {llm.name} on {url} (up to {args.max_batch_size} requests at once); "
+                                     "Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))  # fmt: skip
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     model = hub.model_info(args.model)
     print(f"downloading {model.alias} (about {model.size}) from https://huggingface.co/{model.repo} into "
@@ -279,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     add_run_arguments(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (GET / is a chat page)")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get a 503")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    p.set_defaults(func=cmd_serve)
 
     for name, func, help in (
         ("download", cmd_download, "download a model by alias into the Hugging Face cache"),

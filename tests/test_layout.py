@@ -10,9 +10,10 @@ MAX_LINES = 450
 LAYERS = [
     {"errors", "files", "devices", "version"},
     {"model", "tokenizer", "float_formats", "scaled_formats", "numerics", "data"},
-    {"checkpoint", "sampling", "generate", "loading"},
+    {"checkpoint", "sampling", "generate", "loading", "engine"},
     {"quantize", "evaluate", "chat", "hub"},
     {"graph_passes", "compile", "artifacts", "aoti", "executorch"},
+    {"openai_api", "serve"},
     {"bench", "pte_bench", "sweep", "plots", "widgets", "train"},
     {"cli", "__main__", "__init__"},
 ]
