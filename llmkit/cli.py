@@ -178,6 +178,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                      "Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))  # fmt: skip
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from llmkit.serve_bench import bench_serve, table
+
+    server = ["--checkpoint-path", args.checkpoint_path, "--device", args.device, "--dtype", args.dtype,
+              "--threads", args.server_threads, "--max-batch-size", args.max_batch_size,
+              "--max-queue", max(args.concurrency)]  # fmt: skip
+    server += ["--model", args.model] if args.model else []
+    server += ["--quantize", args.quantize] if args.quantize else []
+    print(f"serving with: {' '.join(map(str, server))}", file=sys.stderr)
+    rows = bench_serve(server, args.concurrency, args.max_tokens, args.requests, args.out,
+                       command="llmkit " + " ".join(args.argv), url=args.url)  # fmt: skip
+    print(table(rows))
+    if args.out:
+        print(f"appended {len(rows)} results to {args.out}")
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     model = hub.model_info(args.model)
     print(f"downloading {model.alias} (about {model.size}) from https://huggingface.co/{model.repo} into "
@@ -301,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get a 503")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench-serve", help="measure llmkit serve under 1 to 32 concurrent streaming clients")
+    p.add_argument("--model", default=None, metavar="ALIAS", help="a downloaded model by name")
+    p.add_argument("--checkpoint-path", default="default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", default=None, metavar="SCHEME")
+    p.add_argument("--server-threads", type=int, default=1, help="the server's --threads")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (end of sequence ignored)")
+    p.add_argument("--requests", type=int, default=None, help="per level (default: 2 x concurrency, at least 8)")
+    p.add_argument("--url", default=None, help="measure a server already running here instead of starting one")
+    p.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    p.set_defaults(func=cmd_bench_serve)
 
     for name, func, help in (
         ("download", cmd_download, "download a model by alias into the Hugging Face cache"),

@@ -14,7 +14,7 @@ LAYERS = [
     {"quantize", "evaluate", "chat", "hub"},
     {"graph_passes", "compile", "artifacts", "aoti", "executorch"},
     {"openai_api", "serve"},
-    {"bench", "pte_bench", "sweep", "plots", "widgets", "train"},
+    {"bench", "serve_bench", "pte_bench", "sweep", "plots", "widgets", "train"},
     {"cli", "__main__", "__init__"},
 ]
 
