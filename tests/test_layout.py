@@ -10,10 +10,11 @@ MAX_LINES = 450
 LAYERS = [
     {"errors", "files", "devices", "version"},
     {"model", "tokenizer", "float_formats", "scaled_formats", "numerics", "data"},
-    {"checkpoint", "sampling", "generate", "loading"},
+    {"checkpoint", "sampling", "generate", "loading", "engine"},
     {"quantize", "evaluate", "chat", "hub"},
     {"cpu_codegen", "graph_passes", "compile", "artifacts", "aoti", "executorch"},
-    {"bench", "pte_bench", "sweep", "plots", "widgets", "train"},
+    {"openai_api", "serve"},
+    {"bench", "serve_bench", "pte_bench", "sweep", "plots", "widgets", "train"},
     {"cli", "__main__", "__init__"},
 ]
 
