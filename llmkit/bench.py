@@ -107,6 +107,7 @@ def environment(device: torch.device) -> dict:
         env["cpu_isa"] = torch.backends.cpu.get_cpu_capability()
         env["cpu_count"] = os.cpu_count()
         env["cpu_threads"] = torch.get_num_threads()
+        env["load_average"] = os.getloadavg()[0]  # what else ran: one minute's average of runnable processes
     try:
         import torchao
 

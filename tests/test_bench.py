@@ -19,7 +19,7 @@ def test_a_row_carries_the_command_that_measures_it_again_and_the_machine(tmp_pa
     assert (args.checkpoint_path, args.quantize, args.path, args.threads) == ("default", ["none"], ["eager"], 1)
     assert (args.prompt_len, args.new_tokens, args.repeats, args.dtype) == (4, 4, 1, "float32")
     assert row["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
-    assert row["cpu"] and row["cpu_count"] >= 1 and row["llmkit"]
+    assert row["cpu"] and row["cpu_count"] >= 1 and row["llmkit"] and row["load_average"] >= 0
     assert row["commit"] is None or len(row["commit"].removesuffix("-dirty")) >= 7
 
 
