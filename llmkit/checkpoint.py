@@ -89,7 +89,8 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> Transfo
     raise LLMKitError(f"{path}: unknown checkpoint type; give a llama2.c .bin, a .pth or a model folder")
 
 
-def _build(args: ModelArgs, state: dict, path: Path) -> Transformer:
+def build_model(args: ModelArgs, state: dict, path: Path) -> Transformer:
+    """The model of args holding the weights of state (our names; wq, wk and wv apart), or one clear error."""
     with torch.device("meta"):
         model = Transformer(args)
     try:
@@ -166,7 +167,7 @@ def load_llama2c(path: Path, max_seq_len: int | None = None) -> Transformer:
         state[p + "feed_forward.w1.weight"] = t["w1"][i]
         state[p + "feed_forward.w2.weight"] = t["w2"][i]
         state[p + "feed_forward.w3.weight"] = t["w3"][i]
-    return _build(args, {k: v.clone() for k, v in state.items()}, path)
+    return build_model(args, {k: v.clone() for k, v in state.items()}, path)
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def load_hf(folder: Path, max_seq_len: int | None = None) -> Transformer:
     if args.tie_embeddings:
         state.pop("output.weight", None)
         state["output.weight"] = state.get("tok_embeddings.weight")
-    return _build(args, state, folder)
+    return build_model(args, state, folder)
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None, eos_ids: list[int]) -> dict:
@@ -378,7 +379,7 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
             state[key] = interleaved_to_halves(state[key], heads)
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    return _build(args, state, folder)
+    return build_model(args, state, folder)
 
 
 def save_meta(model: Transformer, folder: str | Path, force: bool = False) -> Path:

@@ -6,6 +6,7 @@ from llmkit.checkpoint import load_checkpoint
 from llmkit.devices import resolve_device, resolve_dtype
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM
+from llmkit.gguf import load_gguf
 from llmkit.tokenizer import find_tokenizer, load_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # what the kit ships: its model, benchmark results
@@ -28,15 +29,19 @@ def load(
         raise LLMKitError(f"max-seq-len must be at least 2 (a prompt token and a new one), not {max_seq_len}")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     path = DEFAULT_MODEL if str(checkpoint) == "default" else Path(checkpoint)
-    model = load_checkpoint(path, max_seq_len=max_seq_len)
-    if tokenizer is None:
-        tokenizer = find_tokenizer(path if path.is_dir() else path.parent)
+    if path.suffix == ".gguf":  # the file holds its tokenizer too
+        model, tok = load_gguf(path, max_seq_len)
+        tok = tok if tokenizer is None else load_tokenizer(tokenizer)
+    else:
+        model = load_checkpoint(path, max_seq_len=max_seq_len)
         if tokenizer is None:
-            raise LLMKitError(f"no tokenizer found beside {path}; pass --tokenizer-path")
-    tok = load_tokenizer(tokenizer)
+            tokenizer = find_tokenizer(path if path.is_dir() else path.parent)
+            if tokenizer is None:
+                raise LLMKitError(f"no tokenizer found beside {path}; pass --tokenizer-path")
+        tok = load_tokenizer(tokenizer)
     if tok.vocab_size > model.args.vocab_size:
         raise LLMKitError(
-            f"the tokenizer {tokenizer} has {tok.vocab_size} tokens but the model knows {model.args.vocab_size}: "
+            f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model knows {model.args.vocab_size}: "
             "it is not this model's tokenizer; pass the right --tokenizer-path"
         )
     model = model.to(device=torch_device, dtype=torch_dtype)

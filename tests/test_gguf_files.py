@@ -1,0 +1,83 @@
+"""GGUF files written here with gguf's own writer load back as the model and tokenizer they were written from."""
+
+from dataclasses import replace
+
+import gguf
+import numpy as np
+import pytest
+import sentencepiece
+import torch
+from conftest import TINY, write_gguf
+
+import llmkit
+from llmkit.checkpoint import checkpoint_state
+from llmkit.gguf import GGUFTokenizer, read
+
+Q = gguf.GGMLQuantizationType
+# No leading spaces, runs of them or newlines: the tests' SentencePiece model normalizes them (its trainer's default)
+# and llama.cpp does not (nor does Llama 2's model, which turns normalization off).
+TEXTS = ["the model reads the text number 42", "spaces, ünïcode 東京 and 🤖", "", "words 12 3 and writes"]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory, sentencepiece_model):
+    return sentencepiece_model(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_float32_file_gives_the_same_logits(tmp_path, make_model, sp_model, tied):
+    model = make_model(tie_embeddings=tied)
+    llm = llmkit.load(write_gguf(tmp_path / "m.gguf", model, sp_model))
+    assert replace(llm.model.args, norm_eps=1e-5) == model.args  # GGUF keeps the epsilon as a float32
+    assert llm.model.args.norm_eps == pytest.approx(1e-5, rel=1e-7)
+    tokens = torch.randint(0, TINY.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(llm.model(tokens), model(tokens))  # the q/k permutation undone exactly
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_block_formats_load_as_gguf_dequantizes_them(tmp_path, make_model, sp_model, qtype):
+    model = make_model()
+    names = ["blk.0.attn_q.weight", "blk.1.ffn_down.weight", "token_embd.weight", "output.weight"]
+    path = write_gguf(tmp_path / "m.gguf", model, sp_model, types=dict.fromkeys(names, qtype))
+    loaded = checkpoint_state(llmkit.load(path).model)
+    original = checkpoint_state(model)
+    for ours in ["layers.1.feed_forward.w2.weight", "tok_embeddings.weight"]:
+        data = gguf.quants.quantize(original[ours].numpy(), qtype)
+        assert torch.equal(loaded[ours], torch.from_numpy(gguf.quants.dequantize(data, qtype)))
+    error = (loaded["layers.0.attention.wq.weight"] - original["layers.0.attention.wq.weight"]).abs().max()
+    assert 0 < error < 0.1  # rounded, but each row back in its place
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_k_quants_dequantize_as_gguf_does(tmp_path, make_model, sp_model, qtype):
+    """gguf can't write k-quants, so random blocks (with small finite fp16 scales) stand in for a 256-wide tensor."""
+    model = make_model(TINY, dim=256, hidden_dim=256, n_heads=4, n_kv_heads=2)
+    path = write_gguf(tmp_path / "m.gguf", model, sp_model)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(0).integers(0, 256, (256, size), dtype=np.uint8)
+    scales = slice(size - 2, size) if qtype == Q.Q6_K else slice(0, 4)  # d (and dmin) as fp16
+    raw[:, scales] = np.full((256, (scales.stop - scales.start) // 2), 0.01, np.float16).view(np.uint8)
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(tmp_path / "k.gguf", "llama")
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            writer.add_key_value(field.name, field.contents(), field.types[0], field.types[-1])
+    for t in reader.tensors:
+        data = raw if t.name == "blk.0.ffn_down.weight" else np.array(t.data)
+        writer.add_tensor(t.name, data, raw_dtype=qtype if data is raw else t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    loaded = checkpoint_state(llmkit.load(tmp_path / "k.gguf").model)["layers.0.feed_forward.w2.weight"]
+    assert torch.equal(loaded, torch.from_numpy(gguf.quants.dequantize(raw, qtype)).reshape(256, 256))
+
+
+def test_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path, make_model, sp_model):
+    tok = GGUFTokenizer(tmp_path / "m.gguf", read(write_gguf(tmp_path / "m.gguf", make_model(), sp_model)))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+    assert tok.bos_id == sp.bos_id() and tok.eos_ids == [sp.eos_id()]  # llama vocabularies add BOS by default
+    for text in TEXTS:
+        assert tok.encode(text) == [sp.bos_id(), *sp.encode(text)], text
+        assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text)), text
