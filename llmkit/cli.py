@@ -38,6 +38,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic length)")
     p.add_argument("--aoti-package-path", default=None, help="run an AOTInductor .pt2 made by llmkit export")
     p.add_argument("--pte-path", default=None, help="run an ExecuTorch .pte made by llmkit export")
+    p.add_argument("--draft-checkpoint-path", default=None,
+                   help="speculative decoding: a small model with the same tokenizer guesses, the model checks")
+    p.add_argument("--speculate-k", type=int, default=None, help="tokens the draft guesses per round (default 4)")
 
 
 def load_from_args(args: argparse.Namespace) -> LLM:
@@ -64,22 +67,42 @@ def load_from_args(args: argparse.Namespace) -> LLM:
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:
-    """The LLM the flags describe: a package, or a checkpoint optionally compiled."""
+    """The LLM the flags describe: a package, or a checkpoint optionally compiled, optionally with a draft."""
+    draft_path, k = getattr(args, "draft_checkpoint_path", None), getattr(args, "speculate_k", None)
+    if k is not None and draft_path is None:
+        raise LLMKitError("--speculate-k needs --draft-checkpoint-path (the model that guesses)")
     if getattr(args, "aoti_package_path", None):
         from llmkit.aoti import load_aoti
 
-        return load_aoti(args.aoti_package_path, args.tokenizer_path)
+        return with_draft(load_aoti(args.aoti_package_path, args.tokenizer_path), args)
     if getattr(args, "pte_path", None):
         from llmkit.executorch import load_pte
 
-        return load_pte(args.pte_path, args.tokenizer_path)
-    llm = load_from_args(args)
+        return with_draft(load_pte(args.pte_path, args.tokenizer_path), args)
+    llm = with_draft(load_from_args(args), args)
     if getattr(args, "compile", False) or getattr(args, "compile_prefill", False):
         from llmkit.compile import compile
 
         print("compiling (the first calls take a while)...", file=sys.stderr)
         compile(llm, prefill=args.compile_prefill)
     return llm
+
+
+def with_draft(llm: LLM, args: argparse.Namespace) -> LLM:
+    """`llm` sped up by the draft of --draft-checkpoint-path, on the same device and dtype (unquantized), read
+    with the tokenizer beside it, or else the target's; `llm` itself without one."""
+    if getattr(args, "draft_checkpoint_path", None) is None:
+        return llm
+    from llmkit.loading import load
+    from llmkit.speculative import check_k, speculate
+    from llmkit.tokenizer import find_tokenizer
+
+    k = 4 if args.speculate_k is None else args.speculate_k
+    check_k(k)  # before the draft loads
+    path = Path(args.draft_checkpoint_path)
+    tokenizer = find_tokenizer(path if path.is_dir() else path.parent) or llm.tokenizer.path
+    draft = load(path, tokenizer, args.device, args.dtype, args.max_seq_len)
+    return speculate(llm, draft, k)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -197,11 +220,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from llmkit.train import TrainConfig, make_model, prepare_corpus
 
     if args.stage == "prepare":
-        print(json.dumps(prepare_corpus(args.work, args.vocab_size), indent=2))
+        print(json.dumps(prepare_corpus(args.work, args.vocab_size, args.tokenizer_path), indent=2))
         return
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     command = "llmkit " + " ".join(args.argv)
-    result = make_model(args.out, args.preset, cfg, args.vocab_size, command, prepared=args.data)
+    result = make_model(args.out, args.preset, cfg, args.vocab_size, command, prepared=args.data,
+                        tokenizer_path=args.tokenizer_path)  # fmt: skip
     print(f"{args.out}: held-out perplexity {result['ppl']:.2f} (unigram {result['unigram']:.1f}), "
           f"trained in {result['train_s']:.0f} s on {result['device']}")  # fmt: skip
 
@@ -216,6 +240,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("data/pydoc-lm"), help="model folder to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--tokenizer-path", type=Path, default=None,
+                   help="use this SentencePiece model, not a new one (a draft shares its target's)")  # fmt: skip
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.set_defaults(func=cmd_train)

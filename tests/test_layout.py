@@ -10,7 +10,7 @@ MAX_LINES = 450
 LAYERS = [
     {"errors", "files", "devices", "version"},
     {"model", "tokenizer", "float_formats", "scaled_formats", "numerics", "data"},
-    {"checkpoint", "sampling", "generate", "loading"},
+    {"checkpoint", "sampling", "generate", "loading", "speculative"},
     {"quantize", "evaluate", "chat", "hub"},
     {"graph_passes", "compile", "artifacts", "aoti", "executorch"},
     {"bench", "pte_bench", "sweep", "plots", "widgets", "train"},
