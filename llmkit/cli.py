@@ -93,16 +93,11 @@ def with_draft(llm: LLM, args: argparse.Namespace) -> LLM:
     with the tokenizer beside it, or else the target's; `llm` itself without one."""
     if getattr(args, "draft_checkpoint_path", None) is None:
         return llm
-    from llmkit.loading import load
-    from llmkit.speculative import check_k, speculate
-    from llmkit.tokenizer import find_tokenizer
+    from llmkit.speculative import check_k, load_draft, speculate
 
     k = 4 if args.speculate_k is None else args.speculate_k
     check_k(k)  # before the draft loads
-    path = Path(args.draft_checkpoint_path)
-    tokenizer = find_tokenizer(path if path.is_dir() else path.parent) or llm.tokenizer.path
-    draft = load(path, tokenizer, args.device, args.dtype, args.max_seq_len)
-    return speculate(llm, draft, k)
+    return speculate(llm, load_draft(args.draft_checkpoint_path, llm, args.device, args.dtype, args.max_seq_len), k)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -159,11 +154,27 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from llmkit.bench import bench, table
 
+    if args.draft_checkpoint_path:
+        return bench_speculative(args)
     if (args.checkpoint_path is None) == (args.shape is None):
         raise LLMKitError("give one of --checkpoint-path P or --shape NAME")
     rows = bench(args.checkpoint_path or args.shape, args.quantize or ["none"], args.path or ["eager"],
                  args.device, args.dtype, args.prompt_len, args.new_tokens, args.repeats, args.out)  # fmt: skip
     print(table(rows))
+    if args.out:
+        print(f"appended {len(rows)} results to {args.out}")
+
+
+def bench_speculative(args: argparse.Namespace) -> None:
+    from llmkit.speculative_bench import bench_speculative, spec_table
+
+    if args.shape:
+        raise LLMKitError("speculative decoding is measured on a trained --checkpoint-path (random weights accept "
+                          "nothing), not a --shape")  # fmt: skip
+    rows = bench_speculative(args.checkpoint_path or "default", args.draft_checkpoint_path, args.speculate_k or [4],
+                             args.path or ["eager"], args.device, args.dtype, args.new_tokens, args.temperature,
+                             args.repeats, out=args.out, command="llmkit " + " ".join(args.argv))  # fmt: skip
+    print(spec_table(rows))
     if args.out:
         print(f"appended {len(rows)} results to {args.out}")
 
@@ -287,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    p.add_argument("--draft-checkpoint-path", default=None,
+                   help="measure speculative decoding of --checkpoint-path with this draft (eager, compile)")
+    p.add_argument("--speculate-k", type=int, nargs="+", default=None, help="with a draft: the k values to measure")
+    p.add_argument("--temperature", type=float, default=0.0, help="with a draft: sampling temperature (0: greedy)")
     add_threads_argument(p)
     p.set_defaults(func=cmd_bench)
 

@@ -16,14 +16,16 @@ one being scored, so the stale entries are never read.
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM, Generation, Stats, StreamDecoder
+from llmkit.loading import load
 from llmkit.sampling import check_sampling, probabilities
-from llmkit.tokenizer import Tokenizer
+from llmkit.tokenizer import Tokenizer, find_tokenizer
 
 MAX_K = 32  # guesses per round: past this the draft's guesses are almost never all accepted
 
@@ -214,6 +216,14 @@ class SpeculativeLLM(LLM):
         if out.tokens:
             stats.decode_time = time.perf_counter() - decode_start
         return out
+
+
+def load_draft(path: str | Path, target: LLM, device: str = "cpu", dtype: str = "float32",
+               max_seq_len: int | None = 2048) -> LLM:  # fmt: skip
+    """A draft checkpoint with the tokenizer beside it, or else its target's (a llama2.c file has none beside it)."""
+    path = Path(path)
+    tokenizer = find_tokenizer(path if path.is_dir() else path.parent) or target.tokenizer.path
+    return load(path, tokenizer, device, dtype, max_seq_len)
 
 
 def speculate(target: LLM, draft: LLM, k: int = 4) -> SpeculativeLLM:
