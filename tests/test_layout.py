@@ -13,7 +13,7 @@ LAYERS = [
     {"checkpoint", "sampling", "generate", "loading", "speculative"},
     {"quantize", "evaluate", "chat", "hub"},
     {"graph_passes", "compile", "artifacts", "aoti", "executorch"},
-    {"bench", "pte_bench", "sweep", "plots", "widgets", "train"},
+    {"bench", "speculative_bench", "pte_bench", "sweep", "plots", "widgets", "train"},
     {"cli", "__main__", "__init__"},
 ]
 
