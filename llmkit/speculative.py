@@ -222,6 +222,8 @@ def load_draft(path: str | Path, target: LLM, device: str = "cpu", dtype: str = 
                max_seq_len: int | None = 2048) -> LLM:  # fmt: skip
     """A draft checkpoint with the tokenizer beside it, or else its target's (a llama2.c file has none beside it)."""
     path = Path(path)
+    if not path.exists():
+        raise LLMKitError(f"draft checkpoint not found: {path} (check the path)")
     tokenizer = find_tokenizer(path if path.is_dir() else path.parent) or target.tokenizer.path
     return load(path, tokenizer, device, dtype, max_seq_len)
 

@@ -183,7 +183,7 @@ def test_a_draft_with_another_tokenizer_is_refused(capsys, tiny_folder):
     (["--draft-checkpoint-path", DRAFT, "--speculate-k", "0"], "speculate-k must be a whole number from 1 to 32"),
     (["--draft-checkpoint-path", DRAFT, "--speculate-k", "33"], "speculate-k must be a whole number from 1 to 32"),
     (["--speculate-k", "4"], "--speculate-k needs --draft-checkpoint-path"),
-    (["--draft-checkpoint-path", DRAFT / "missing"], "missing"),
+    (["--draft-checkpoint-path", DRAFT / "missing"], "draft checkpoint not found"),
 ])  # fmt: skip
 def test_bad_speculation_flags(capsys, argv, says):
     refused(capsys, "generate", "--max-new-tokens", 4, *argv, says=says)
