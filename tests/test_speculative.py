@@ -46,6 +46,27 @@ def test_greedy_compiled_is_the_targets_token_for_token(pair):
     assert out.tokens == alone.tokens and out.stats.accepted > 0 and spec.compile_time > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_greedy_on_the_gpu_is_the_targets(compiled):
+    """float32 on the GPU: the verify step's k + 1 rows (a CUDA graph when compiled) pick the target's tokens."""
+    alone = llmkit.load("default", device="cuda").generate(PROMPTS[0], max_new_tokens=48, temperature=0)
+    spec = speculate(llmkit.load("default", device="cuda"), llmkit.load(DRAFT, device="cuda"), 4)
+    if compiled:
+        llmkit.compile(spec)
+    out = spec.generate(PROMPTS[0], max_new_tokens=48, temperature=0)
+    assert out.tokens == alone.tokens and out.stats.accepted > 0
+
+
+def test_chat_with_a_draft_replies_as_the_target(pair):
+    from llmkit.chat import chat
+
+    target, draft = pair
+    messages = [{"role": "user", "content": "What does the built-in function len return?"}]
+    alone = chat(target, messages, max_new_tokens=24, temperature=0)
+    assert chat(speculate(target, draft, 3), messages, max_new_tokens=24, temperature=0).tokens == alone.tokens
+
+
 def test_speculation_stops_where_the_context_ends(pair):
     """Near the end of the context the target goes on alone; the output is still the target's."""
     target, draft = pair
