@@ -10,7 +10,7 @@ MATHJAX_VERSION := 3.2.2
 MATHJAX_SHA256 := 1b9c0a1c44df864e915690558e72adb9cc5203360daefd385084ced3b6c64c09
 MATHJAX := book/_build/mathjax
 
-.PHONY: demo test test-unit test-notebooks lint lab default-model runner book test-browser clean
+.PHONY: demo serve test test-unit test-notebooks lint lab default-model runner book test-browser bench-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/llmkit generate --prompt "$(PROMPT)" --max-new-tokens 120 --temperature 0.7 --top-k 40 --seed 1
+
+# an OpenAI-compatible server on the kit's model at http://127.0.0.1:8000 (GET / is a chat page)
+serve: $(STAMP)
+	$(VENV)/bin/llmkit serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -31,8 +35,13 @@ test-unit: $(STAMP) runner
 test-notebooks: $(STAMP) runner
 	$(VENV)/bin/pytest --nbval-lax notebooks/
 
+# Decode speeds as ratios measured in one run (quantized faster than float32, compiled faster than eager): a
+# path that falls far behind fails on any machine. About 5 minutes on 2 cores, most of it compiling.
+bench-check: $(STAMP)
+	$(PY) benchmarks/bench_check.py
+
 # the browser checks run where Chromium is installed, and always in CI
-test: lint test-unit test-notebooks $(if $(or $(CI),$(wildcard /usr/bin/chromium)),test-browser)
+test: lint test-unit test-notebooks bench-check $(if $(or $(CI),$(wildcard /usr/bin/chromium)),test-browser)
 
 # The book shows the chapters' saved outputs and runs none of them (book/_config.yml says why), so it needs neither
 # the runner nor minutes of CPU; it checks that each notebook was saved run through, and nbval runs them.

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from llmkit.artifacts import check_targets, load_checked_tokenizer, package_metadata, write_with_tokenizer
+from llmkit.cpu_codegen import short_loads_in_one_instruction
 from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
@@ -53,7 +54,8 @@ def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
     files = {}
     for name in AOTI_MODELS:
         ep = export_program(llm, one_token=name == "decode")
-        files[name] = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options=options)
+        with short_loads_in_one_instruction():
+            files[name] = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options=options)
     return write_with_tokenizer(llm, path, lambda tmp: package_aoti(tmp, files))
 
 

@@ -6,9 +6,12 @@ approach. Results are JSON lines carrying the machine, versions and settings.
 """
 
 import json
+import os
 import platform
 import resource
+import shlex
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from llmkit.generate import LLM
 from llmkit.loading import load
 from llmkit.model import SHAPES, Transformer, random_model, shape_args
 from llmkit.quantize import model_size, quantize
+from llmkit.version import __version__
 
 PATHS = ("eager", "compile", "aoti", "pte")
 
@@ -92,12 +96,18 @@ def peak_memory(device: torch.device) -> int:
 
 
 def environment(device: torch.device) -> dict:
+    """Where a figure was measured: the machine, its processor and instruction set, the versions, the commit."""
     env = {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+           "torch": torch.__version__, "python": platform.python_version(), "llmkit": __version__,
+           "commit": source_commit()}  # fmt: skip
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
-    else:
+    else:  # a VM's processor can change between runs, and with it the instructions inductor writes
+        env["cpu"] = cpu_model()
+        env["cpu_isa"] = torch.backends.cpu.get_cpu_capability()
+        env["cpu_count"] = os.cpu_count()
         env["cpu_threads"] = torch.get_num_threads()
+        env["load_average"] = os.getloadavg()[0]  # what else ran: one minute's average of runnable processes
     try:
         import torchao
 
@@ -105,6 +115,41 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         pass
     return env
+
+
+def cpu_model() -> str:
+    """The processor's model name as Linux reports it (the platform's name elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def source_commit() -> str | None:
+    """The git commit of the llmkit source that ran, with "-dirty" if it had changes; None outside a checkout."""
+    folder = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+        status = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--", "."],
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def command(source: str, scheme: str, path: str, device: str, dtype: str, prompt_len: int, new_tokens: int,
+            repeats: int) -> str:  # fmt: skip
+    """The command line that measures this one row again."""
+    where = f"--shape {source}" if is_shape(source) else f"--checkpoint-path {shlex.quote(source)}"
+    threads = f" --threads {torch.get_num_threads()}" if device == "cpu" else ""
+    return (f"llmkit bench {where} --quantize {scheme} --path {path} --device {device} --dtype {dtype} "
+            f"--prompt-len {prompt_len} --new-tokens {new_tokens} --repeats {repeats}{threads}")  # fmt: skip
 
 
 def on_path(model: Transformer, tokenizer, scheme: str, path: str, workdir: Path) -> LLM:
@@ -183,6 +228,7 @@ def bench(
         timings = [time_generation(llm, prompt_len, new_tokens) for _ in range(repeats)]
         decode = [t.decode_tokens_per_s for t in timings]
         row = {
+            "command": command(source, scheme, path, torch_device.type, dtype, prompt_len, new_tokens, repeats),
             "source": source, "scheme": scheme, "path": path, "device": torch_device.type, "dtype": dtype,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "decode_tokens_per_s": statistics.median(decode),
@@ -201,6 +247,37 @@ def bench(
                 f.write(json.dumps(row) + "\n")
         del llm, model
     return rows
+
+
+# (faster, slower): on any CPU the first (scheme, path) must decode faster than the second in the same run
+SPEED_ORDER = (
+    (("none", "compile"), ("none", "eager")),
+    (("none", "aoti"), ("none", "eager")),
+    (("int8wo", "compile"), ("none", "compile")),
+    (("int8wo", "aoti"), ("none", "compile")),
+    (("8da4w-32", "compile"), ("none", "compile")),
+    (("8da4w-32", "aoti"), ("none", "compile")),
+)
+
+
+@dataclass
+class SpeedCheck:
+    faster: tuple[str, str]
+    slower: tuple[str, str]
+    ratio: float  # the first's decode tokens/s over the second's
+
+    @property
+    def holds(self) -> bool:
+        return self.ratio > 1
+
+
+def check_speed_order(rows: list[dict], order=SPEED_ORDER) -> list[SpeedCheck]:
+    """Each pair of `order` as a ratio of the rows' decode speeds (ratios, not times: they hold on any machine)."""
+    speed = {(r["scheme"], r["path"]): r["decode_tokens_per_s"] for r in rows}
+    missing = sorted({key for pair in order for key in pair} - speed.keys())
+    if missing:
+        raise LLMKitError(f"no measurement for {missing}: bench every scheme and path the check compares")
+    return [SpeedCheck(faster, slower, speed[faster] / speed[slower]) for faster, slower in order]
 
 
 def read_results(*files: str | Path) -> list[dict]:

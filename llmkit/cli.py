@@ -199,6 +199,35 @@ def cmd_chat(args: argparse.Namespace) -> None:
               top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from llmkit.engine import Engine
+    from llmkit.serve import serve
+
+    if not 0 <= args.port <= 65535:
+        raise LLMKitError(f"--port must be 0 to 65535, not {args.port}")
+    llm = load_from_args(args)
+    engine = Engine(llm, args.max_batch_size, args.max_queue)
+    serve(engine, args.host, args.port, args.api_key,
+          on_ready=lambda url: print(f"serving {llm.name} on {url} (up to {args.max_batch_size} requests at once); "
+                                     "Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))  # fmt: skip
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from llmkit.serve_bench import bench_serve, table
+
+    server = ["--checkpoint-path", args.checkpoint_path, "--device", args.device, "--dtype", args.dtype,
+              "--threads", args.server_threads, "--max-batch-size", args.max_batch_size,
+              "--max-queue", max(args.concurrency)]  # fmt: skip
+    server += ["--model", args.model] if args.model else []
+    server += ["--quantize", args.quantize] if args.quantize else []
+    print(f"serving with: {' '.join(map(str, server))}", file=sys.stderr)
+    rows = bench_serve(server, args.concurrency, args.max_tokens, args.requests, args.out,
+                       command="llmkit " + " ".join(args.argv), url=args.url)  # fmt: skip
+    print(table(rows))
+    if args.out:
+        print(f"appended {len(rows)} results to {args.out}")
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     model = hub.model_info(args.model)
     print(f"downloading {model.alias} (about {model.size}) from https://huggingface.co/{model.repo} into "
@@ -320,6 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     add_run_arguments(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (GET / is a chat page)")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get a 503")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench-serve", help="measure llmkit serve under 1 to 32 concurrent streaming clients")
+    p.add_argument("--model", default=None, metavar="ALIAS", help="a downloaded model by name")
+    p.add_argument("--checkpoint-path", default="default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", default=None, metavar="SCHEME")
+    p.add_argument("--server-threads", type=int, default=1, help="the server's --threads")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (end of sequence ignored)")
+    p.add_argument("--requests", type=int, default=None, help="per level (default: 2 x concurrency, at least 8)")
+    p.add_argument("--url", default=None, help="measure a server already running here instead of starting one")
+    p.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    p.set_defaults(func=cmd_bench_serve)
 
     for name, func, help in (
         ("download", cmd_download, "download a model by alias into the Hugging Face cache"),

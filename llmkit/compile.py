@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from llmkit.cpu_codegen import short_loads_in_one_instruction
 from llmkit.errors import first_line
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
@@ -65,7 +66,7 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
     prefill_fn = torch.compile(own_copy(prefill_prompt), fullgraph=True, dynamic=True, options=options)
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), _tuner_times_kernels_alone(device):
+        with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
             if prefill:  # a length other than 1, so the graph stays dynamic in the sequence length
                 prefill_fn(model, torch.zeros(1, 2, dtype=torch.long, device=device),
                            torch.arange(2, device=device))  # fmt: skip

@@ -10,6 +10,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from llmkit import cpu_codegen
+
 aten = torch.ops.aten
 _one_row_products = PatternMatcherPass()
 
@@ -29,7 +31,8 @@ class OneRowProductsAsLoops(CustomGraphPass):
         _one_row_products.apply(graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))  # inductor's cache key: a changed pass recompiles
+        # inductor's cache key: a changed pass, or changed code generation, recompiles
+        return get_hash_for_files((__file__, cpu_codegen.__file__))
 
 
 def _is_one_row(x, dim: int = 0) -> bool:

@@ -112,9 +112,22 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
-        return self.k_cache, self.v_cache
+        """Write k and v [B, H_kv, T, D] at their positions; return the cache rows the batch attends to.
+
+        input_pos [T]: every row at the same positions, and the batch fills the cache (one request, or an export).
+        input_pos [B, T]: each row at its own positions, in the cache's first B rows (a server's active requests).
+        """
+        if input_pos.dim() == 1:
+            self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+            self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+            return self.k_cache, self.v_cache
+        B = k.shape[0]
+        k_cache, v_cache = self.k_cache[:B], self.v_cache[:B]  # views: the writes land in the cache
+        rows = torch.arange(B, device=k.device)[:, None]
+        # indexing [rows, :, input_pos] selects [B, T, H_kv, D]: the heads move behind the positions
+        k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
+        return k_cache, v_cache
 
 
 class Attention(nn.Module):
@@ -193,23 +206,30 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """Logits [B, T, vocab] for tokens [B, T].
 
-        With `input_pos` (the T positions, a LongTensor) keys and values go into the KV cache and
-        each token attends to every cached position before it: prefill, then one-token decode.
+        With `input_pos` (a LongTensor) keys and values go into the KV cache and each token attends to
+        every cached position before it: prefill, then one-token decode. `input_pos` [T] puts every row
+        at the same positions; [B, T] gives each row its own, so one decode step can run requests of
+        different lengths together (continuous batching, llmkit.engine).
         Without it the sequence is scored on its own, causally, with no cache (training, perplexity).
         """
         T = tokens.shape[1]
         if input_pos is None:
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
         else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            mask = self.causal_mask[None, None, input_pos]
+            # [T, D] and [T, S], or per row [B, T, D] and [B, T, S]: each needs a head dimension before T
+            cos, sin, mask = self.rope_cos[input_pos], self.rope_sin[input_pos], self.causal_mask[input_pos]
+            if input_pos.dim() == 2:
+                cos, sin, mask = cos[:, None], sin[:, None], mask[:, None]
+            else:
+                mask = mask[None, None]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x))
 
-    def setup_buffers(self) -> None:
-        """(Re)build the RoPE tables, the causal mask and empty KV caches on the weights' device.
+    def setup_buffers(self, max_batch_size: int = 1) -> None:
+        """(Re)build the RoPE tables, the causal mask and empty KV caches of `max_batch_size` rows on the
+        weights' device.
 
         Called after moving the model to another device or dtype, or loading it on the meta device.
         """
@@ -222,7 +242,7 @@ class Transformer(nn.Module):
         causal = torch.tril(torch.ones(args.max_seq_len, args.max_seq_len, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(args, dtype=dtype).to(device)
+            layer.attention.kv_cache = KVCache(args, max_batch_size, dtype).to(device)
 
 
 # Architectures of well-known models, to measure speed with random weights and no download.

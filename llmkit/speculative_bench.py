@@ -8,7 +8,6 @@ one-token step, its (k + 1)-position verify step, and the draft's one-token step
 
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,19 +30,6 @@ def heldout_prompts(n: int = 4, words: int = 6) -> list[str]:
     """The first `words` words of the first `n` held-out paragraphs that have more: text neither model trained on."""
     starts = [" ".join(p.split()[:words]) for p in paragraphs(heldout_text()) if len(p.split()) > 3 * words]
     return starts[:n]
-
-
-def commit() -> str | None:
-    """The checkout's commit (with "+dirty" when files differ from it), or None outside a git checkout."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 @torch.inference_mode()
@@ -88,7 +74,7 @@ def bench_speculative(
     if out is not None and (not Path(out).parent.is_dir() or Path(out).is_dir()):
         raise LLMKitError(f"--out {out}: give a file in an existing folder (results are appended to it)")
     prompts = prompts or heldout_prompts()
-    env = {**environment(resolve_device(device)), "commit": commit(), "command": command}
+    env = {**environment(resolve_device(device)), "command": command}  # environment() names the commit
     rows = []
     for path, k in tqdm([(p, k) for p in paths for k in [0, *ks]], desc="bench", unit="run"):
         target = load(target_path, device=device, dtype=dtype)

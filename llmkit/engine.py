@@ -1,0 +1,247 @@
+"""Continuous batching: one decode step runs every active request together, each row at its own position.
+
+The KV cache holds `max_batch_size` rows. The active requests always sit in its first rows, in order, so a decode
+step is the model on the first B rows (`input_pos` [B, 1], each row's own position): a view of the cache, no
+gather. A new request takes row 0 (its occupant moves to the first free row) and is prefilled there alone; a
+finished or cancelled one leaves at once, the last row moving into its place. Moving a row copies one request's
+cache, which is small next to the weights every step reads.
+
+Each request keeps its own sampling options and random generator, seeded as `LLM.generate` seeds its own, so a
+seeded request gets the same tokens alone or batched. Requests wait in a bounded queue (`QueueFull` when full).
+The engine runs in a thread of its own; it tells each request what happened through the request's `on_update`,
+called from that thread.
+"""
+
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from llmkit.errors import LLMKitError, first_line
+from llmkit.generate import LLM, StreamDecoder
+from llmkit.sampling import check_sampling, sample
+
+
+class QueueFull(Exception):
+    """Every row is busy and the queue of waiting requests is full: come back later."""
+
+
+@dataclass
+class Update:
+    """What a request produced since its last update: new text, and how it finished once it has."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" (end of sequence or a stop string), "length", "cancelled", "error"
+    error: str | None = None
+
+
+@dataclass(eq=False)  # compared by identity: the engine looks requests up in its lists
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False  # run to max_tokens whatever the model says (benchmarks want fixed lengths)
+    on_update: Callable[[Update], None] = lambda update: None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    text: str = ""  # decoded so far, cut at a stop string
+    sent: int = 0  # len(text) already given to on_update
+    cancelled: bool = False  # set from any thread; the engine drops the request before its next step
+    finish_reason: str | None = None
+    rng: torch.Generator | None = field(default=None, repr=False)  # the request's own, made when it is submitted
+    stream: StreamDecoder | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string, so must not be sent yet."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)  # fmt: skip
+
+
+class Engine:
+    """Serves many requests from one model at once. `submit` from any thread; `start` runs the steps in a thread."""
+
+    def __init__(self, llm: LLM, max_batch_size: int = 16, max_queue: int = 64):
+        if llm.model is None:
+            raise LLMKitError(f"{llm.name} came from an exported package; serving needs the checkpoint (the engine "
+                              "runs the model with a batch of its own)")  # fmt: skip
+        if max_batch_size < 1 or max_queue < 0:
+            raise LLMKitError(f"--max-batch-size must be at least 1 and --max-queue at least 0, "
+                              f"not {max_batch_size} and {max_queue}")  # fmt: skip
+        self.llm, self.model = llm, llm.model
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.model.setup_buffers(max_batch_size)  # the engine owns the model's cache from now on
+        self.caches = [layer.attention.kv_cache for layer in self.model.layers]
+        self.eos = set(llm.tokenizer.eos_ids)
+        self.active: list[Request] = []  # row i of the cache is active[i]
+        self.positions: list[int] = []  # where each row's next token goes
+        self.queue: deque[Request] = deque()
+        self.wake = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run, for /health and tests
+
+    # ---- the outside: submit, start, stop ---------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (its options checked first); `QueueFull` when the queue already holds max_queue."""
+        check_sampling(request.temperature, request.top_k, request.top_p, request.max_tokens)
+        if not request.prompt_ids or len(request.prompt_ids) >= self.llm.max_seq_len:
+            raise LLMKitError(f"the prompt is {len(request.prompt_ids)} tokens; it must be 1 to "
+                              f"{self.llm.max_seq_len - 1} (the context is {self.llm.max_seq_len})")  # fmt: skip
+        with self.wake:
+            if len(self.queue) >= self.max_queue + max(0, self.max_batch_size - len(self.active)):
+                raise QueueFull(f"all {self.max_batch_size} rows are busy and {len(self.queue)} requests wait")
+            request.rng = torch.Generator().manual_seed(request.seed if request.seed is not None
+                                                        else secrets.randbits(63))  # fmt: skip
+            request.stream = StreamDecoder(self.llm.tokenizer, request.prompt_ids)
+            self.queue.append(request)
+            self.wake.notify()
+
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Cancel what is queued or running and end the thread."""
+        with self.wake:
+            self.running = False
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join()
+        for request in [*self.queue, *self.active]:
+            self._finish(request, "cancelled")
+        self.queue.clear()
+        self.active, self.positions = [], []
+
+    def load(self) -> dict[str, int]:
+        return {"active": len(self.active), "queued": len(self.queue), "max_batch_size": self.max_batch_size,
+                "steps": self.steps}  # fmt: skip
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while self.running and not self.queue and not self.active:
+                    self.wake.wait()
+                if not self.running:
+                    return
+            self.step()
+
+    # ---- one step: drop the cancelled, admit the waiting, decode every active row once ----------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Leave out cancelled requests, prefill waiting ones into free rows, then decode every active row once."""
+        for request in [r for r in self.active if r.cancelled]:
+            self._finish(request, "cancelled")
+        while len(self.active) < self.max_batch_size:
+            with self.wake:
+                if not self.queue:
+                    break
+                request = self.queue.popleft()
+            if request.cancelled:
+                self._finish(request, "cancelled")
+            else:
+                self._guarded(partial(self._admit, request), [request])
+        if self.active:
+            self._guarded(self._decode, list(self.active))
+            self.steps += 1
+
+    def _guarded(self, work: Callable[[], None], requests: list[Request]) -> None:
+        """Run `work`; if the model fails (broken weights, out of memory), those requests end with the error and
+        the engine keeps serving the others."""
+        try:
+            work()
+        except Exception as e:  # torch raises many types; one request's failure must not stop the server
+            for request in requests:
+                self._finish(request, "error", f"the model failed: {first_line(e)}")
+
+    def _admit(self, request: Request) -> None:
+        """Prefill the request in row 0 (moving row 0's request to the first free row) and take its first token."""
+        b = len(self.active)
+        if b:
+            self._move_row(0, b)
+            self.active.append(self.active[0])
+            self.positions.append(self.positions[0])
+            self.active[0], self.positions[0] = request, len(request.prompt_ids)
+        else:
+            self.active, self.positions = [request], [len(request.prompt_ids)]
+        device = self.llm.device
+        tokens = torch.tensor([request.prompt_ids], device=device)
+        logits = self.model(tokens, torch.arange(tokens.shape[1], device=device)[None])
+        self._take(request, logits[0, -1])
+
+    def _decode(self) -> None:
+        device = self.llm.device
+        tokens = torch.tensor([[r.tokens[-1]] for r in self.active], device=device)
+        positions = torch.tensor(self.positions, device=device)[:, None]
+        logits = self.model(tokens, positions)[:, -1].cpu()  # one copy from a GPU, then each row samples
+        for i in range(len(self.active)):
+            self.positions[i] += 1
+        for request, row in zip(list(self.active), logits, strict=True):
+            self._take(request, row)
+
+    def _take(self, request: Request, logits: Tensor) -> None:
+        """Sample the request's next token with its own options and generator, as `LLM.generate` does."""
+        vocab = self.llm.tokenizer.vocab_size  # ids past the tokenizer's (a padded vocabulary) have no text
+        token = sample(logits[:vocab], request.temperature, request.top_k, request.top_p, request.rng)
+        if token in self.eos and not request.ignore_eos:
+            return self._finish(request, "stop")
+        request.tokens.append(token)
+        request.text += request.stream.push(token)
+        found = [request.text.find(s) for s in request.stop if s in request.text]
+        if found:
+            request.text = request.text[: min(found)]
+            return self._finish(request, "stop")
+        room = self.llm.max_seq_len - len(request.prompt_ids)
+        if len(request.tokens) >= min(request.max_tokens, room):
+            return self._finish(request, "length")
+        ready = len(request.text) - held_back(request.text, request.stop)
+        if ready > request.sent:
+            request.on_update(Update(request.text[request.sent : ready], len(request.tokens)))
+            request.sent = ready
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        """Send what is left of the text with the reason, and free the request's row (the last row moves in)."""
+        request.finish_reason = reason
+        if request in self.active:
+            i, last = self.active.index(request), len(self.active) - 1
+            if i != last:
+                self._move_row(last, i)
+                self.active[i], self.positions[i] = self.active[last], self.positions[last]
+            self.active.pop()
+            self.positions.pop()
+        text = "" if reason in ("cancelled", "error") else request.text[request.sent :]
+        request.sent = len(request.text)
+        request.on_update(Update(text, len(request.tokens), reason, error))
+
+    def _move_row(self, src: int, dst: int) -> None:
+        for cache in self.caches:
+            cache.k_cache[dst] = cache.k_cache[src]
+            cache.v_cache[dst] = cache.v_cache[src]
+
+
+def run_to_completion(engine: Engine, requests: Sequence[Request], timeout: float = 60) -> list[Request]:
+    """Submit the requests to a stopped engine and step it until all have finished (tests, notebooks)."""
+    for request in requests:
+        engine.submit(request)
+    deadline = time.monotonic() + timeout
+    while any(r.finish_reason is None for r in requests):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"requests unfinished after {timeout} s")
+        engine.step()
+    return list(requests)

@@ -1,0 +1,91 @@
+"""Continuous batching against requests run alone: the same tokens, token for token, batched or not."""
+
+import pytest
+import torch
+
+import llmkit
+from llmkit.engine import Engine, QueueFull, Request, held_back, run_to_completion
+from llmkit.errors import LLMKitError
+
+PROMPTS = ["the model reads", "the text number 12 and", "writes", "the model reads the text number 7",
+           "words", "the text", "number 3 and writes 9", "the model"]  # fmt: skip
+
+
+@pytest.fixture
+def engine(tiny_folder) -> Engine:
+    return Engine(llmkit.load(tiny_folder), max_batch_size=4, max_queue=16)
+
+
+def test_a_batched_forward_with_its_own_positions_per_row_equals_each_row_alone(make_model):
+    """Rows at different positions in one call give the logits each gets alone (the model's per-row path)."""
+    model = make_model()
+    a, b = torch.tensor([[5, 9, 11, 3]]), torch.tensor([[8, 2]])
+    with torch.inference_mode():
+        alone = [model(x, torch.arange(x.shape[1]))[0, -1].clone() for x in (a, b)]
+        model.setup_buffers(max_batch_size=2)
+        model(a[:, :2], torch.arange(2)[None])  # a one-row batch writes the cache's row 0 only
+        logits = model(torch.tensor([[11, 3], [8, 2]]), torch.tensor([[2, 3], [0, 1]]))[:, -1]
+    torch.testing.assert_close(logits[0], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[1], alone[1], rtol=1e-5, atol=1e-5)
+
+
+def test_eight_greedy_requests_batched_equal_each_alone(tiny_folder, engine):
+    reference = llmkit.load(tiny_folder)
+    lengths = [30, 5, 17, 40, 1, 23, 12, 8]
+    alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, lengths, strict=True)]
+    requests = [Request(reference.encode_prompt(p), n, temperature=0) for p, n in zip(PROMPTS, lengths, strict=True)]
+    run_to_completion(engine, requests)  # 8 requests through 4 rows: they join and leave between steps
+    assert [r.tokens for r in requests] == [a.tokens for a in alone]
+    assert [r.text for r in requests] == [a.text for a in alone]
+    assert engine.load()["active"] == 0 and engine.steps < sum(lengths)  # batched: fewer steps than tokens
+
+
+def test_a_seeded_request_gets_the_same_tokens_alone_or_batched(tiny_folder, engine):
+    reference = llmkit.load(tiny_folder)
+    alone = reference.generate(PROMPTS[0], max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    seeded = Request(reference.encode_prompt(PROMPTS[0]), 30, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    others = [Request(reference.encode_prompt(p), 25, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS[1:4])]
+    run_to_completion(engine, [others[0], seeded, *others[1:]])
+    assert seeded.tokens == alone.tokens and seeded.text == alone.text
+
+
+def test_stop_strings_cut_the_text_and_are_never_sent(tiny_folder, engine):
+    reference = llmkit.load(tiny_folder)
+    full = reference.generate(PROMPTS[1], max_new_tokens=40, temperature=0).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    sent = []
+    request = Request(reference.encode_prompt(PROMPTS[1]), 40, temperature=0, stop=[stop], on_update=sent.append)
+    run_to_completion(engine, [request])
+    assert request.text == full[: full.find(stop)] == "".join(u.text for u in sent)
+    assert sent[-1].finish_reason == "stop"
+    assert held_back("abc</", ["</s>"]) == 2 and held_back("abc", ["</s>"]) == 0
+
+
+def test_a_cancelled_request_frees_its_row_at_the_next_step(tiny_folder, engine):
+    ids = llmkit.load(tiny_folder).encode_prompt(PROMPTS[0])
+    requests = [Request(ids, 100, temperature=0, ignore_eos=True) for _ in range(3)]
+    for r in requests:
+        engine.submit(r)
+    engine.step()
+    engine.step()
+    assert engine.load()["active"] == 3
+    made = len(requests[1].tokens)
+    requests[1].cancel()
+    engine.step()
+    assert engine.load()["active"] == 2 and requests[1].finish_reason == "cancelled"
+    assert len(requests[1].tokens) == made  # it got no token after it was cancelled
+    assert len(requests[0].tokens) == made + 1  # the others went on
+
+
+def test_a_full_queue_refuses_and_bad_options_are_one_line(tiny_folder):
+    llm = llmkit.load(tiny_folder)
+    engine = Engine(llm, max_batch_size=1, max_queue=1)
+    ids = llm.encode_prompt("the model")
+    engine.submit(Request(ids, 5))
+    engine.submit(Request(ids, 5))  # the free row's request, then one waiting
+    with pytest.raises(QueueFull):
+        engine.submit(Request(ids, 5))
+    with pytest.raises(LLMKitError, match="top-p must be in"):
+        engine.submit(Request(ids, 5, top_p=0))
+    with pytest.raises(LLMKitError, match="the prompt is 128 tokens"):
+        engine.submit(Request([1] * 128, 5))
