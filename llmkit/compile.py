@@ -62,7 +62,6 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
     else:  # inductor's C++ path without Python between kernels
         options["cpp_wrapper"] = True
     decode_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, options=options)
-    verify_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=options)
     prefill_fn = torch.compile(own_copy(prefill_prompt), fullgraph=True, dynamic=True, options=options)
     start = time.perf_counter()
     try:
@@ -78,6 +77,7 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
             if device.type == "cuda":
                 decode = _record_cuda_graph(decode, token, input_pos)
             if verify_len is not None:  # static: the positions written are the only thing that changes
+                verify_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=options)
                 tokens = torch.zeros(1, verify_len, dtype=torch.long, device=device)
                 positions = torch.arange(verify_len, device=device)
                 for _ in range(2):

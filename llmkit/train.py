@@ -41,7 +41,7 @@ PRESETS = {  # vocab_size is taken from the tokenizer
                          tie_embeddings=True),
     "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192, max_seq_len=128,
                       tie_embeddings=True),
-    # speculative decoding's draft for the default model: same context, a tenth of its work per token
+    # speculative decoding's draft for the default model: same context, an eighth of its parameters
     "draft": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seq_len=512,
                        tie_embeddings=True),
 }  # fmt: skip
