@@ -6,9 +6,10 @@ from llmkit.evaluate import Perplexity, perplexity
 from llmkit.generate import LLM, Generation
 from llmkit.loading import load
 from llmkit.quantize import load_quantized, model_size, parse_scheme, quantize, save
+from llmkit.speculative import SpeculativeLLM, speculate
 from llmkit.version import __version__
 
 __all__ = [
     "LLM", "Generation", "LLMKitError", "Perplexity", "compile", "load", "load_quantized", "model_size",
-    "parse_scheme", "perplexity", "quantize", "save", "__version__",
+    "parse_scheme", "perplexity", "quantize", "save", "SpeculativeLLM", "speculate", "__version__",
 ]  # fmt: skip

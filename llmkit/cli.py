@@ -38,6 +38,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic length)")
     p.add_argument("--aoti-package-path", default=None, help="run an AOTInductor .pt2 made by llmkit export")
     p.add_argument("--pte-path", default=None, help="run an ExecuTorch .pte made by llmkit export")
+    p.add_argument("--draft-checkpoint-path", default=None,
+                   help="speculative decoding: a small model with the same tokenizer guesses, the model checks")
+    p.add_argument("--speculate-k", type=int, default=None, help="tokens the draft guesses per round (default 4)")
 
 
 def load_from_args(args: argparse.Namespace) -> LLM:
@@ -64,22 +67,37 @@ def load_from_args(args: argparse.Namespace) -> LLM:
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:
-    """The LLM the flags describe: a package, or a checkpoint optionally compiled."""
+    """The LLM the flags describe: a package, or a checkpoint optionally compiled, optionally with a draft."""
+    draft_path, k = getattr(args, "draft_checkpoint_path", None), getattr(args, "speculate_k", None)
+    if k is not None and draft_path is None:
+        raise LLMKitError("--speculate-k needs --draft-checkpoint-path (the model that guesses)")
     if getattr(args, "aoti_package_path", None):
         from llmkit.aoti import load_aoti
 
-        return load_aoti(args.aoti_package_path, args.tokenizer_path)
+        return with_draft(load_aoti(args.aoti_package_path, args.tokenizer_path), args)
     if getattr(args, "pte_path", None):
         from llmkit.executorch import load_pte
 
-        return load_pte(args.pte_path, args.tokenizer_path)
-    llm = load_from_args(args)
+        return with_draft(load_pte(args.pte_path, args.tokenizer_path), args)
+    llm = with_draft(load_from_args(args), args)
     if getattr(args, "compile", False) or getattr(args, "compile_prefill", False):
         from llmkit.compile import compile
 
         print("compiling (the first calls take a while)...", file=sys.stderr)
         compile(llm, prefill=args.compile_prefill)
     return llm
+
+
+def with_draft(llm: LLM, args: argparse.Namespace) -> LLM:
+    """`llm` sped up by the draft of --draft-checkpoint-path, on the same device and dtype (unquantized), read
+    with the tokenizer beside it, or else the target's; `llm` itself without one."""
+    if getattr(args, "draft_checkpoint_path", None) is None:
+        return llm
+    from llmkit.speculative import check_k, load_draft, speculate
+
+    k = 4 if args.speculate_k is None else args.speculate_k
+    check_k(k)  # before the draft loads
+    return speculate(llm, load_draft(args.draft_checkpoint_path, llm, args.device, args.dtype, args.max_seq_len), k)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -136,11 +154,27 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from llmkit.bench import bench, table
 
+    if args.draft_checkpoint_path:
+        return bench_speculative(args)
     if (args.checkpoint_path is None) == (args.shape is None):
         raise LLMKitError("give one of --checkpoint-path P or --shape NAME")
     rows = bench(args.checkpoint_path or args.shape, args.quantize or ["none"], args.path or ["eager"],
                  args.device, args.dtype, args.prompt_len, args.new_tokens, args.repeats, args.out)  # fmt: skip
     print(table(rows))
+    if args.out:
+        print(f"appended {len(rows)} results to {args.out}")
+
+
+def bench_speculative(args: argparse.Namespace) -> None:
+    from llmkit.speculative_bench import bench_speculative, spec_table
+
+    if args.shape:
+        raise LLMKitError("speculative decoding is measured on a trained --checkpoint-path (random weights accept "
+                          "nothing), not a --shape")  # fmt: skip
+    rows = bench_speculative(args.checkpoint_path or "default", args.draft_checkpoint_path, args.speculate_k or [4],
+                             args.path or ["eager"], args.device, args.dtype, args.new_tokens, args.temperature,
+                             args.repeats, out=args.out, command="llmkit " + " ".join(args.argv))  # fmt: skip
+    print(spec_table(rows))
     if args.out:
         print(f"appended {len(rows)} results to {args.out}")
 
@@ -226,11 +260,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from llmkit.train import TrainConfig, make_model, prepare_corpus
 
     if args.stage == "prepare":
-        print(json.dumps(prepare_corpus(args.work, args.vocab_size), indent=2))
+        print(json.dumps(prepare_corpus(args.work, args.vocab_size, args.tokenizer_path), indent=2))
         return
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     command = "llmkit " + " ".join(args.argv)
-    result = make_model(args.out, args.preset, cfg, args.vocab_size, command, prepared=args.data)
+    result = make_model(args.out, args.preset, cfg, args.vocab_size, command, prepared=args.data,
+                        tokenizer_path=args.tokenizer_path)  # fmt: skip
     print(f"{args.out}: held-out perplexity {result['ppl']:.2f} (unigram {result['unigram']:.1f}), "
           f"trained in {result['train_s']:.0f} s on {result['device']}")  # fmt: skip
 
@@ -245,6 +280,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("data/pydoc-lm"), help="model folder to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--tokenizer-path", type=Path, default=None,
+                   help="use this SentencePiece model, not a new one (a draft shares its target's)")  # fmt: skip
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.set_defaults(func=cmd_train)
@@ -290,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    p.add_argument("--draft-checkpoint-path", default=None,
+                   help="measure speculative decoding of --checkpoint-path with this draft (eager, compile)")
+    p.add_argument("--speculate-k", type=int, nargs="+", default=None, help="with a draft: the k values to measure")
+    p.add_argument("--temperature", type=float, default=0.0, help="with a draft: sampling temperature (0: greedy)")
     add_threads_argument(p)
     p.set_defaults(func=cmd_bench)
 

@@ -21,6 +21,7 @@ from llmkit.errors import first_line
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
 from llmkit.model import Transformer
+from llmkit.speculative import SpeculativeLLM
 
 
 def own_copy(fn: Callable) -> Callable:
@@ -37,13 +38,20 @@ def prefill_prompt(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Ten
     return model(tokens, input_pos)
 
 
-def compile(llm: LLM, prefill: bool = False) -> LLM:
+def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> LLM:
     """Compile the decode step (and the prefill) of `llm` in place, warming both up.
 
     The first calls compile; their time is kept in `llm.compile_time` so generation statistics
     show steady-state speed. Where inductor or torchao can't compile the model (MX formats on
-    the CPU, say), this warns in one line and keeps eager.
+    the CPU, say), this warns in one line and keeps eager. `verify_len` also compiles a static step
+    of that many positions: speculative decoding's verify step, always k + 1 long. A `SpeculativeLLM`
+    has its target compiled with that step and its draft with the one-token step.
     """
+    if isinstance(llm, SpeculativeLLM):
+        compile(llm.target, prefill, verify_len=llm.k + 1)
+        compile(llm.draft, prefill)
+        llm.step, llm.compile_time = llm.target.step, llm.target.compile_time + llm.draft.compile_time
+        return llm
     model, device = llm.model, llm.device
     options = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()}
     if device.type == "cuda":  # coordinate descent tuning: one-row matmuls as reductions at memory bandwidth
@@ -68,6 +76,15 @@ def compile(llm: LLM, prefill: bool = False) -> LLM:
             decode = partial(decode_fn, model)
             if device.type == "cuda":
                 decode = _record_cuda_graph(decode, token, input_pos)
+            if verify_len is not None:  # static: the positions written are the only thing that changes
+                verify_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=options)
+                tokens = torch.zeros(1, verify_len, dtype=torch.long, device=device)
+                positions = torch.arange(verify_len, device=device)
+                for _ in range(2):
+                    verify_fn(model, tokens, positions)
+                verify = partial(verify_fn, model)
+                if device.type == "cuda":
+                    verify = _record_cuda_graph(verify, tokens, positions)
     except Exception as e:  # inductor and torchao raise many types; eager still works
         warnings.warn(f"torch.compile can't compile this model here ({first_line(e)}); running eager", stacklevel=2)
         return llm  # the failed functions were private copies: nothing else to undo
@@ -76,6 +93,8 @@ def compile(llm: LLM, prefill: bool = False) -> LLM:
     def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
         if tokens.shape[1] == 1:
             return decode(tokens, input_pos)
+        if tokens.shape[1] == verify_len:
+            return verify(tokens, input_pos)
         return prefill_fn(model, tokens, input_pos) if prefill else model(tokens, input_pos)
 
     llm.step = step

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from llmkit import data
 from llmkit.checkpoint import write_hf
+from llmkit.errors import LLMKitError
 from llmkit.evaluate import score_ids, unigram_perplexity_of_ids
 from llmkit.files import write_folder_atomically
 from llmkit.model import ModelArgs, Transformer
@@ -40,6 +41,9 @@ PRESETS = {  # vocab_size is taken from the tokenizer
                          tie_embeddings=True),
     "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192, max_seq_len=128,
                       tie_embeddings=True),
+    # speculative decoding's draft for the default model: same context, an eighth of its parameters
+    "draft": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seq_len=512,
+                       tie_embeddings=True),
 }  # fmt: skip
 EVAL_SEQ_LEN = 256  # the window `llmkit eval` uses by default, so the card's number is what learners see
 
@@ -78,11 +82,21 @@ def train_tokenizer(text: str, path: Path, vocab_size: int = 4096) -> Path:
     return path
 
 
-def prepare_corpus(work: Path, vocab_size: int = 4096) -> dict:
-    """Build the corpus, train the tokenizer on the training split and save both splits as token ids."""
+def prepare_corpus(work: Path, vocab_size: int = 4096, tokenizer_path: Path | None = None) -> dict:
+    """Build the corpus, train the tokenizer on the training split and save both splits as token ids.
+
+    With `tokenizer_path` that SentencePiece model is used instead of a new one: a draft model for speculative
+    decoding must share its target's tokens, whichever Python builds its corpus.
+    """
     work.mkdir(parents=True, exist_ok=True)
     train_docs, heldout_docs = data.split(data.build_corpus())
-    tokenizer = load_tokenizer(train_tokenizer(data.join(train_docs), work / "tokenizer.model", vocab_size))
+    if tokenizer_path is None:
+        tokenizer = load_tokenizer(train_tokenizer(data.join(train_docs), work / "tokenizer.model", vocab_size))
+    else:  # loaded first, so a missing or broken file is a one-line error
+        if load_tokenizer(tokenizer_path).kind != "sentencepiece":
+            raise LLMKitError(f"{tokenizer_path} is not a SentencePiece model; the kit's models ship tokenizer.model")
+        (work / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+        tokenizer = load_tokenizer(work / "tokenizer.model")
     train_ids = data.encode(data.join(train_docs), tokenizer)
     heldout_ids = data.encode(data.join(heldout_docs), tokenizer)
     np.save(work / "train.npy", train_ids)
@@ -192,9 +206,9 @@ def device_name(device: str) -> str:
 
 
 MODEL_CARD = """\
-# pydoc-lm
+# {name}
 
-llmkit's own default model: a {params_m:.1f}M-parameter Llama-architecture model trained by the kit
+{role}: a {params_m:.1f}M-parameter Llama-architecture model trained by the kit
 (`llmkit/train.py`) on English prose that ships with every CPython installation. It writes text in
 the style of Python's documentation and docstrings; it knows no facts beyond that, and is made for
 learning how inference works, offline.
@@ -206,7 +220,7 @@ learning how inference works, offline.
 {files}
 
 Hugging Face layout (`LlamaForCausalLM`): `transformers` loads it with `from_pretrained`, and
-`llmkit.load("default")` loads it.
+`llmkit.load("{load_name}")` loads it.
 
 ## Model
 
@@ -235,21 +249,19 @@ so the model ends a paragraph by predicting BOS.
 {steps} steps of {batch_size} random windows of {seq_len} tokens ({tokens_seen:,} tokens, about
 {epochs:.0f} passes over the training split), AdamW (betas 0.9, 0.95, weight decay {weight_decay} on
 matrices), learning rate warmed up linearly over {warmup} steps to {lr:g}, then cosine-decayed to
-{min_lr:g}; gradients clipped at {grad_clip}; seed {seed}; bfloat16 autocast on CUDA. The number of
-steps and the peak learning rate were chosen by a small sweep scored on the last 5% of the training
-tokens (not on the held-out text): the corpus is small, and with more steps the model memorises it
-and its perplexity on unseen text rises. Training took {train_s:.0f} s on {device}, with:
+{min_lr:g}; gradients clipped at {grad_clip}; seed {seed}; bfloat16 autocast on CUDA. {choice}
+Training took {train_s:.0f} s on {device}, with:
 
     {command}
 
 after `llmkit train prepare --work DIR` made the tokenizer and token ids with Python
-{python}. `llmkit train --out data/pydoc-lm --device cuda` does both in one go.
+{python}, or the command did both in one go.
 
 ## Evaluation
 
 Held-out perplexity (windows of {eval_seq_len} tokens, bfloat16 weights computed in float32):
 **{ppl:.2f}** over {eval_tokens:,} tokens. An add-one smoothed unigram model fitted on the training
-split scores {unigram:.1f} on the same text: {ratio:.1f} times higher. Reproduce with `llmkit eval`.
+split scores {unigram:.1f} on the same text: {ratio:.1f} times higher. Reproduce with `{eval_command}`.
 
 ## Licence
 
@@ -259,15 +271,36 @@ are derived from that text and are distributed under the same terms.
 """
 
 
+# What each preset is, and why its settings are what they are: the first words and the training section of its card.
+ROLES = {
+    "default": ("llmkit's own default model",
+                "The number of steps and the peak learning rate were chosen by a small sweep scored on the last 5% of "
+                "the training\ntokens (not on the held-out text): the corpus is small, and with more steps the model "
+                "memorises it\nand its perplexity on unseen text rises."),
+    "draft": ("The draft model for speculative decoding with llmkit's default model, pydoc-lm, whose corpus and\n"
+              "tokenizer it shares (`llmkit generate --draft-checkpoint-path`)",
+              "It is trained briefly, on the CPU: a draft only has to guess the\ntarget's easy tokens, and its cost "
+              "per token is what speculative decoding pays for each guess."),
+    "tiny": ("A tiny model for tests", "The settings are the tests' own."),
+}  # fmt: skip
+
+
 def model_card(model: Transformer, stats: dict, cfg: TrainConfig, run: dict) -> str:
+    """The model card; `run` holds the run's figures and its `out` folder and `preset` name."""
     args = model.args
+    role, choice = ROLES[run["preset"]]
+    out = Path(run["out"])
+    is_default = out.resolve() == Path(__file__).resolve().parents[1] / "data" / "pydoc-lm"
+    load_name = "default" if is_default else str(out)
     params = sum(p.numel() for p in model.parameters())
     tokens_seen = cfg.steps * cfg.batch_size * cfg.seq_len
     fields = {**stats, **dataclasses.asdict(cfg), **dataclasses.asdict(args), **run}  # args' vocab_size wins
     return MODEL_CARD.format(
         **fields, params_m=params / 1e6, params=f"{params:,}", heldout_percent=data.HELDOUT_PERCENT,
         tokens_seen=tokens_seen, epochs=tokens_seen / stats["train"]["tokens"],
-        unigram=stats["unigram_perplexity"], ratio=stats["unigram_perplexity"] / run["ppl"],
+        unigram=stats["unigram_perplexity"], ratio=stats["unigram_perplexity"] / run["ppl"], name=out.name,
+        role=role, choice=choice, load_name=load_name,
+        eval_command="llmkit eval" + ("" if is_default else f" --checkpoint-path {out}"),
     )  # fmt: skip
 
 
@@ -308,17 +341,17 @@ def train_from(work: Path, out: Path, preset: str, cfg: TrainConfig, command: st
     ids = torch.from_numpy(heldout_ids.astype(np.int64))
     eval_seq_len = min(EVAL_SEQ_LEN, args.max_seq_len)
     ppl = score_ids(model, ids, eval_seq_len, cfg.device)
-    run = {"train_s": train_s, "device": device_name(cfg.device), "command": command,
-           "ppl": ppl.value, "eval_tokens": ppl.n_tokens, "eval_seq_len": eval_seq_len}  # fmt: skip
+    run = {"train_s": train_s, "device": device_name(cfg.device), "command": command, "out": str(out),
+           "preset": preset, "ppl": ppl.value, "eval_tokens": ppl.n_tokens, "eval_seq_len": eval_seq_len}  # fmt: skip
     write_model(model.to(device="cpu", dtype=torch.bfloat16), work, out, stats, cfg, run)
     return {**run, "history": history, "unigram": stats["unigram_perplexity"]}
 
 
 def make_model(out: Path, preset: str, cfg: TrainConfig, vocab_size: int, command: str,
-               prepared: Path | None = None) -> dict:  # fmt: skip
+               prepared: Path | None = None, tokenizer_path: Path | None = None) -> dict:  # fmt: skip
     """Both stages: prepare the corpus in a scratch folder (or use `prepared`), then train into `out`."""
     with tempfile.TemporaryDirectory() as scratch:
         work = prepared or Path(scratch)
         if prepared is None:
-            prepare_corpus(work, vocab_size)
+            prepare_corpus(work, vocab_size, tokenizer_path)
         return train_from(work, out, preset, cfg, command)

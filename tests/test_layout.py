@@ -10,11 +10,11 @@ MAX_LINES = 450
 LAYERS = [
     {"errors", "files", "devices", "version"},
     {"model", "tokenizer", "float_formats", "scaled_formats", "numerics", "data"},
-    {"checkpoint", "gguf", "sampling", "generate", "loading", "engine"},
+    {"checkpoint", "gguf", "sampling", "generate", "loading", "engine", "speculative"},
     {"quantize", "evaluate", "chat", "hub"},
     {"cpu_codegen", "graph_passes", "compile", "artifacts", "aoti", "executorch"},
     {"openai_api", "serve"},
-    {"bench", "serve_bench", "pte_bench", "sweep", "plots", "widgets", "train"},
+    {"bench", "serve_bench", "speculative_bench", "pte_bench", "sweep", "plots", "widgets", "train"},
     {"cli", "__main__", "__init__"},
 ]
 

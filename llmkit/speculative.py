@@ -1,0 +1,233 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks all of them in one forward.
+
+A decode step reads every weight of the model to make one token, so on memory-bound hardware scoring k + 1
+positions costs about as much as scoring one. The draft guesses k tokens one by one (cheaply); the target scores
+the last token and the k guesses in one forward of k + 1 positions; each guess is accepted with probability
+min(1, p_target / p_draft), and the first rejected one is replaced by a draw from the normalised residual
+max(0, p_target - p_draft). If all k are accepted the target's last position gives one more token for free. Every
+token that comes out is distributed exactly as the target alone would draw it (Leviathan et al., 2023; Chen et
+al., 2023), under the same temperature, top-k and top-p: only the speed depends on the draft.
+
+Nothing is copied to roll a KV cache back: after a rejection the entries past the accepted tokens are stale, but
+the next forward writes its own positions before attending, and the causal mask hides every position past the
+one being scored, so the stale entries are never read.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llmkit.errors import LLMKitError
+from llmkit.generate import LLM, Generation, Stats, StreamDecoder
+from llmkit.loading import load
+from llmkit.sampling import check_sampling, probabilities
+from llmkit.tokenizer import Tokenizer, find_tokenizer
+
+MAX_K = 32  # guesses per round: past this the draft's guesses are almost never all accepted
+
+
+@dataclass
+class SpeculativeStats(Stats):
+    rounds: int = 0  # draft-then-verify rounds (each is one forward of the target)
+    proposed: int = 0  # tokens the draft proposed
+    accepted: int = 0  # of those, tokens the target accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    def __str__(self) -> str:
+        per_round = (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+        return super().__str__() + (
+            f" | draft tokens accepted {self.accepted}/{self.proposed} ({100 * self.acceptance_rate:.0f}%), "
+            f"{per_round:.2f} tokens per target forward"
+        )
+
+
+def same_vocabulary(target: Tokenizer, draft: Tokenizer) -> bool:
+    """Whether every token id means the same text to both tokenizers (the acceptance rule compares
+    probabilities id by id, so a draft that numbers its tokens differently proposes nonsense)."""
+    if target.vocab_size != draft.vocab_size or target.bos_id != draft.bos_id:
+        return False
+    if set(target.eos_ids) != set(draft.eos_ids):
+        return False
+    return all(target.piece(i) == draft.piece(i) for i in range(target.vocab_size))
+
+
+def check_k(k: int) -> None:
+    if type(k) is not int or not 1 <= k <= MAX_K:
+        raise LLMKitError(f"speculate-k must be a whole number from 1 to {MAX_K}, not {k!r}")
+
+
+def check_draft(target: LLM, draft: LLM, k: int) -> None:
+    """One-line errors for a draft that can't serve the target, or a k that makes no sense."""
+    check_k(k)
+    if k + 2 > min(target.max_seq_len, draft.max_seq_len):
+        raise LLMKitError(f"speculate-k {k} needs a context of at least {k + 2} tokens in both models")
+    t, d = target.tokenizer, draft.tokenizer
+    if not same_vocabulary(t, d):
+        raise LLMKitError(
+            f"the draft's tokenizer ({d.kind}, {d.vocab_size} tokens, {d.path}) is not the target's ({t.kind}, "
+            f"{t.vocab_size} tokens, {t.path}): a draft must share its target's vocabulary"
+        )
+
+
+def _row_probabilities(logits: Tensor, vocab: int, temperature: float, top_k: int | None,
+                       top_p: float | None) -> list[Tensor]:  # fmt: skip
+    """`probabilities` of each row of logits [T, V], on the CPU, cut to the tokenizer's ids."""
+    logits = logits[:, :vocab].float().cpu()
+    if not torch.isfinite(logits).all():
+        raise LLMKitError("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
+                          "check the checkpoint, or load it in float32")  # fmt: skip
+    return [probabilities(row, temperature, top_k, top_p) for row in logits]
+
+
+def _draw(weights: Tensor, rng: torch.Generator) -> int:
+    return int(torch.multinomial(weights, 1, generator=rng))
+
+
+def accept(p: Sequence[Tensor], q: Sequence[Tensor], guesses: Sequence[int], rng: torch.Generator) -> tuple[int, int]:
+    """The acceptance rule: (how many guesses are accepted, the token that follows them).
+
+    `p` holds the target's k + 1 distributions (after the last token and after each guess), `q` the draft's k
+    (the ones each guess was drawn from). Guess i is accepted with probability min(1, p_i / q_i); at the first
+    rejection the next token is drawn from max(0, p - q), normalised; if all are accepted it is drawn from the
+    target's last distribution.
+    """
+    for i, guess in enumerate(guesses):
+        # q[guess] > 0 as the guess was drawn from q, so u * q < p is "u < p / q" without dividing
+        if float(torch.rand((), generator=rng)) * q[i][guess] < p[i][guess]:
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)
+        # p and q that differ by less than float rounding leave no residual: then p is the residual's direction
+        return i, _draw(residual if residual.sum() > 0 else p[i], rng)
+    return len(guesses), _draw(p[len(guesses)], rng)
+
+
+class SpeculativeLLM(LLM):
+    """A target `LLM` sped up by a draft `LLM` proposing `k` tokens at a time; `generate` is `LLM.generate`'s.
+
+    `llmkit.compile` of it compiles the target's verify step (k + 1 positions, a fixed shape) and the draft's
+    decode step. The context is the target's; the draft only speculates while both have room for a round.
+    """
+
+    def __init__(self, target: LLM, draft: LLM, k: int = 4):
+        check_draft(target, draft, k)
+        super().__init__(target.model, target.tokenizer, name=f"{target.name} (draft {draft.name}, k={k})",
+                         step=target.step, max_seq_len=target.max_seq_len, device=str(target.device))  # fmt: skip
+        self.target, self.draft, self.k = target, draft, k
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | Sequence[int] = "",
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int | None = 200,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """As `LLM.generate`; the statistics also count the draft's proposed and accepted tokens."""
+        check_sampling(temperature, top_k, top_p, max_new_tokens)
+        target, draft, k = self.target, self.draft, self.k
+        ids = self.encode_prompt(prompt)
+        rng = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        vocab = self.tokenizer.vocab_size
+        stop_ids = set(self.tokenizer.eos_ids)
+        stream = StreamDecoder(self.tokenizer, ids)
+        stats = SpeculativeStats(prompt_tokens=len(ids), compile_time=target.compile_time + draft.compile_time)
+        out = Generation(stats=stats)
+        max_new_tokens = min(max_new_tokens, self.max_seq_len - len(ids))
+        # a round writes positions up to n + k in both caches, n being the position of the last token
+        room = min(target.max_seq_len, draft.max_seq_len) - k
+
+        def dist(logits: Tensor) -> list[Tensor]:
+            return _row_probabilities(logits, vocab, temperature, top_k, top_p)
+
+        def run(llm: LLM, tokens: Sequence[int], start: int) -> Tensor:
+            positions = torch.arange(start, start + len(tokens), device=llm.device)
+            logits = llm.step(torch.tensor([list(tokens)], device=llm.device), positions)
+            if logits.shape[1] != len(tokens):  # an exported .pte returns the last position only
+                raise LLMKitError(f"{llm.name} returns only its last position's logits; speculative decoding needs "
+                                  "every position's: use its checkpoint")  # fmt: skip
+            return logits[0]
+
+        def emit(token: int) -> bool:
+            """Add a token to the output; whether generation ends here."""
+            if token in stop_ids:
+                return True
+            out.tokens.append(token)
+            piece = stream.push(token)
+            out.text += piece
+            if stop and any(s in out.text for s in stop):
+                out.text = out.text[: min(out.text.find(s) for s in stop if s in out.text)]
+                return True
+            if on_text and piece:
+                on_text(piece)
+            return len(out.tokens) == max_new_tokens
+
+        start = time.perf_counter()
+        seq = list(ids)  # the prompt and every token so far; seq[-1] is not yet in any cache
+        (first,) = dist(run(target, ids, 0)[-1:])
+        seq.append(_draw(first, rng))
+        decode_start = time.perf_counter()
+        stats.time_to_first_token = decode_start - start
+        done = emit(seq[-1])
+        in_draft = 0  # positions the draft has cached; the target has cached len(seq) - 1
+        while not done:
+            n = len(seq) - 1
+            if n >= room:  # no room for another round: the target alone, one token at a time
+                (p,) = dist(run(target, seq[-1:], n))
+                seq.append(_draw(p, rng))
+                done = emit(seq[-1])
+                continue
+            if in_draft == 0:  # the draft's prefill, once a round is sure to fit
+                run(draft, seq[:n], 0)
+                in_draft = n
+            guesses, q = [], []
+            # the draft catches up on what it has not seen: the last token, and after a round it guessed in full its
+            # last guess too; one at a time, so a compiled draft stays on its one-token step
+            for pos in range(in_draft, n + 1):
+                logits = run(draft, seq[pos : pos + 1], pos)
+            for i in range(k):
+                (qi,) = dist(logits)
+                q.append(qi)
+                guesses.append(_draw(qi, rng))
+                if i + 1 < k:
+                    logits = run(draft, guesses[-1:], n + 1 + i)
+            p = dist(run(target, [seq[-1], *guesses], n))
+            n_accepted, next_token = accept(p, q, guesses, rng)
+            stats.rounds += 1
+            stats.proposed += k
+            stats.accepted += n_accepted
+            # the draft cached the last token and its first k - 1 guesses; those the target accepted stay valid
+            in_draft = n + 1 + min(n_accepted, k - 1)
+            for token in [*guesses[:n_accepted], next_token]:
+                seq.append(token)
+                if done := emit(token):
+                    break
+        stats.new_tokens = len(out.tokens)
+        if out.tokens:
+            stats.decode_time = time.perf_counter() - decode_start
+        return out
+
+
+def load_draft(path: str | Path, target: LLM, device: str = "cpu", dtype: str = "float32",
+               max_seq_len: int | None = 2048) -> LLM:  # fmt: skip
+    """A draft checkpoint with the tokenizer beside it, or else its target's (a llama2.c file has none beside it)."""
+    path = Path(path)
+    if not path.exists():
+        raise LLMKitError(f"draft checkpoint not found: {path} (check the path)")
+    tokenizer = find_tokenizer(path if path.is_dir() else path.parent) or target.tokenizer.path
+    return load(path, tokenizer, device, dtype, max_seq_len)
+
+
+def speculate(target: LLM, draft: LLM, k: int = 4) -> SpeculativeLLM:
+    """`target` sped up by `draft` guessing `k` tokens per round; the output is distributed as the target's."""
+    return SpeculativeLLM(target, draft, k)
