@@ -268,6 +268,14 @@ def check_pte(path: str | Path) -> tuple["Program", dict]:
     path = Path(path)
     if not path.is_file():
         raise LLMKitError(f"ExecuTorch program not found: {path}")
+    with open(path, "rb") as f:
+        identifier = f.read(8)[4:]
+    # the runtime decodes these bytes as UTF-8 in C++ and aborts the process on anything else: check them first
+    if re.fullmatch(rb"ET[0-9]{2}", identifier) is None:
+        raise LLMKitError(
+            f"{path} is not an ExecuTorch program (its file identifier, bytes 4 to 7, is {identifier!r}, not ET and "
+            "a version); export one with llmkit export --output-pte-path"
+        )
     try:
         program = Runtime.get().load_program(path)
     except Exception as e:  # the runtime raises RuntimeError or ValueError with the loader's error code

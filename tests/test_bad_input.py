@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -219,3 +221,13 @@ def test_a_malformed_sweep(tmp_path, capsys, text, says):
     (tmp_path / "sweep.yaml").write_text(text.replace("n.ipynb", str(tmp_path / "n.ipynb")))
     refused(capsys, "sweep", tmp_path / "sweep.yaml", "--results-dir", tmp_path / "results", says=says)
     assert not (tmp_path / "results").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_a_pte_whose_identifier_is_not_text_is_refused_not_a_crash(tmp_path):
+    """ExecuTorch's runtime aborts the whole process on such a file, so the command runs in a process of its own."""
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"\0\0\0\0\xff\xfe\xcd\x80" + bytes(4088))
+    done = subprocess.run([sys.executable, "-m", "llmkit", "generate", "--pte-path", str(bad), "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("llmkit: error: ") and "file identifier" in done.stderr
