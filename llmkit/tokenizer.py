@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import heapq
 import json
 import re
 import struct
@@ -139,20 +140,32 @@ class Llama2cTokenizer(Tokenizer):
         return [byte + 3 for byte in utf8]  # <0x00> is id 3, after <unk>, <s>, </s>
 
     def _merge(self, tokens: list[int]) -> list[int]:
-        """Merge the adjacent pair whose merged piece scores best, until no pair is in the vocab."""
-        while (best := self._best_pair(tokens)) is not None:
-            i, id = best
-            tokens[i : i + 2] = [id]
-        return tokens
+        """Merge the adjacent pair whose merged piece scores best, the first one on a tie, until no pair is in the
+        vocab: run.c's loop, which rescans every pair after each merge (quadratic), kept in a heap instead."""
+        right = list(range(1, len(tokens) + 1))  # a linked list over the original positions: they keep their order
+        left = list(range(-1, len(tokens) - 1))
+        heap = []
 
-    def _best_pair(self, tokens: list[int]) -> tuple[int, int] | None:
-        """(position, merged id) of the best-scoring mergeable pair; the first one wins a tie, as in run.c."""
-        best_score, best = -1e10, None
+        def push(i: int) -> None:
+            j = right[i]
+            if j < len(tokens) and (id := self.ids.get(self.pieces[tokens[i]] + self.pieces[tokens[j]])) is not None:
+                heapq.heappush(heap, (-self.scores[id], i, tokens[i], tokens[j], j, id))
+
         for i in range(len(tokens) - 1):
-            id = self.ids.get(self.pieces[tokens[i]] + self.pieces[tokens[i + 1]])
-            if id is not None and self.scores[id] > best_score:
-                best_score, best = self.scores[id], (i, id)
-        return best
+            push(i)
+        alive = [True] * len(tokens)
+        while heap:
+            _, i, a, b, j, id = heapq.heappop(heap)
+            if not (alive[i] and right[i] == j and tokens[i] == a and tokens[j] == b):
+                continue  # a pair one of whose tokens has merged since
+            tokens[i], alive[j] = id, False
+            right[i] = right[j]
+            if right[j] < len(tokens):
+                left[right[j]] = i
+            if left[i] >= 0:
+                push(left[i])
+            push(i)
+        return [t for t, keep in zip(tokens, alive, strict=True) if keep]
 
     def decode(self, ids: Sequence[int]) -> str:
         data = b"".join(self._piece_bytes(prev, id) for prev, id in zip([None, *ids], ids, strict=False))

@@ -74,6 +74,28 @@ def test_llama2c_encode_matches_run_c(tok512: Tokenizer, text: str):
     assert tok512.encode(text, bos=False) == RUN_C_IDS[text][1:]
 
 
+def run_c_merges(tok: Tokenizer, tokens: list[int]) -> list[int]:
+    """run.c's encode() loop as it is written: rescan every pair, merge the best-scoring (first on a tie)."""
+    while True:
+        best_score, best = -1e10, None
+        for i in range(len(tokens) - 1):
+            id = tok.ids.get(tok.pieces[tokens[i]] + tok.pieces[tokens[i + 1]])
+            if id is not None and tok.scores[id] > best_score:
+                best_score, best = tok.scores[id], (i, id)
+        if best is None:
+            return tokens
+        tokens[best[0] : best[0] + 2] = [best[1]]
+
+
+def test_llama2c_merges_as_run_c_loop_on_random_text(tok512: Tokenizer):
+    rng = random.Random(0)
+    alphabet = "aeiou tnsrhldcmfpgwybvk.,!?'\n\tTLSAé日本"  # common letters, runs of space, and byte fallback
+    for _ in range(60):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 400)))
+        unmerged = [tok512.bos_id, tok512.ids[b" "]] + [i for c in text for i in tok512._char_ids(c)]
+        assert tok512.encode(text) == run_c_merges(tok512, unmerged), text
+
+
 @pytest.mark.parametrize("text", [*RUN_C_IDS, GREEDY, UNSEEN])
 def test_llama2c_decode_round_trips(tok512: Tokenizer, text: str):
     assert tok512.decode(tok512.encode(text)) == text
