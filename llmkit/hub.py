@@ -31,7 +31,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.file_download import repo_folder_name
 
 from llmkit.errors import LLMKitError
 
@@ -203,13 +202,6 @@ def list_models(cache_dir: str | Path | None = None) -> list[Row]:
 # ---- download and remove --------------------------------------------------------------------
 
 
-def _discard_incomplete(repo: str, cache_dir: str | Path | None) -> None:
-    """Delete the half-written blobs (*.incomplete) that a failed download leaves in the repository's cache folder."""
-    blobs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
-    for partial in blobs.glob("*.incomplete"):
-        partial.unlink(missing_ok=True)
-
-
 def _offline_error(model: ModelInfo) -> LLMKitError:
     return LLMKitError(
         f"cannot download {model.alias}: HF_HUB_OFFLINE is set and the cache does not hold it; "
@@ -250,11 +242,9 @@ def download(alias: str, cache_dir: str | Path | None = None) -> ModelFiles:
                     source.repo, revision=source.revision, allow_patterns=list(source.files), cache_dir=cache_dir
                 )
             )
-        except KeyboardInterrupt:
-            _discard_incomplete(source.repo, cache_dir)
-            raise
+        # huggingface_hub writes each file to a name of its own (<etag>.<random>.incomplete) and deletes it when
+        # the transfer fails or is interrupted, so nothing is left to clean, and another download's file is left be
         except Exception as e:  # httpx, hf_xet and the file system each raise their own types mid-transfer
-            _discard_incomplete(source.repo, cache_dir)
             raise _download_error(model, source, e) from None
         # Offline, or when the Hub cannot be reached, snapshot_download returns the cached snapshot as it is.
         if absent := [f for f in source.files if not (folder / f).is_file()]:

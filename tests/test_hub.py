@@ -246,13 +246,15 @@ def test_gated_repository_without_access(cache, monkeypatch):
     assert not any(cache.iterdir())
 
 
-def test_failed_download_keeps_no_partial_file(cache, monkeypatch):
+def test_failed_download_leaves_another_downloads_partial_file_alone(cache, monkeypatch):
+    blobs = cache / "models--hf-internal-testing--llama-tokenizer" / "blobs"
+    blobs.mkdir(parents=True)
+    theirs = blobs / "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347.1a2b3c4d.incomplete"
+    theirs.write_bytes(b"another process is writing this")
+
     def fetch(repo_id, cache_dir):
         if repo_id == "karpathy/tinyllamas":
             return str(put(Path(cache_dir), repo_id, {"stories15M.bin": b"weights"}))
-        blobs = Path(cache_dir) / "models--hf-internal-testing--llama-tokenizer" / "blobs"
-        blobs.mkdir(parents=True)
-        (blobs / "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347.incomplete").write_bytes(b"half")
         raise httpx2.ReadError("connection reset by peer")
 
     online(monkeypatch, fetch)
@@ -262,7 +264,7 @@ def test_failed_download_keeps_no_partial_file(cache, monkeypatch):
         r"llama-tokenizer failed \(ReadError: connection reset by peer\)",
     ):
         hub.download("stories15M")
-    assert not list(cache.rglob("*.incomplete"))
+    assert theirs.read_bytes() == b"another process is writing this"
     with pytest.raises(LLMKitError, match="lacks hf-internal-testing/llama-tokenizer/tokenizer.model"):
         hub.resolve("stories15M")
 
