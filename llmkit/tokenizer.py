@@ -140,31 +140,24 @@ class Llama2cTokenizer(Tokenizer):
         return [byte + 3 for byte in utf8]  # <0x00> is id 3, after <unk>, <s>, </s>
 
     def _merge(self, tokens: list[int]) -> list[int]:
-        """Merge the adjacent pair whose merged piece scores best, the first one on a tie, until no pair is in the
-        vocab: run.c's loop, which rescans every pair after each merge (quadratic), kept in a heap instead."""
-        right = list(range(1, len(tokens) + 1))  # a linked list over the original positions: they keep their order
-        left = list(range(-1, len(tokens) - 1))
-        heap = []
+        """run.c's loop (best-scoring adjacent pair first, the first on a tie) on a heap: rescans were quadratic."""
+        n = len(tokens)
+        left, right, alive, heap = list(range(-1, n)), list(range(1, n + 1)), [True] * n, []  # left[n]: past the end
 
-        def push(i: int) -> None:
-            j = right[i]
-            if j < len(tokens) and (id := self.ids.get(self.pieces[tokens[i]] + self.pieces[tokens[j]])) is not None:
+        def push(i: int) -> None:  # the pair of token i and the one after it, if the vocab has their merge
+            j = right[i] if i >= 0 else n
+            if j < n and (id := self.ids.get(self.pieces[tokens[i]] + self.pieces[tokens[j]])) is not None:
                 heapq.heappush(heap, (-self.scores[id], i, tokens[i], tokens[j], j, id))
 
-        for i in range(len(tokens) - 1):
+        for i in range(n - 1):
             push(i)
-        alive = [True] * len(tokens)
         while heap:
             _, i, a, b, j, id = heapq.heappop(heap)
-            if not (alive[i] and right[i] == j and tokens[i] == a and tokens[j] == b):
-                continue  # a pair one of whose tokens has merged since
-            tokens[i], alive[j] = id, False
-            right[i] = right[j]
-            if right[j] < len(tokens):
+            if alive[i] and right[i] == j and (tokens[i], tokens[j]) == (a, b):  # else one of them merged since
+                tokens[i], alive[j], right[i] = id, False, right[j]
                 left[right[j]] = i
-            if left[i] >= 0:
                 push(left[i])
-            push(i)
+                push(i)
         return [t for t, keep in zip(tokens, alive, strict=True) if keep]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -416,11 +409,9 @@ def find_tokenizer(directory: str | Path) -> Path | None:
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer.bin"):
         if (directory / name).is_file():
             return directory / name
-    for candidate in sorted(directory.glob("tok*.bin")):  # llama2.c's custom vocabs: tok512.bin, tok4096.bin
-        if candidate.is_file():
-            return candidate
+    custom = [c for c in sorted(directory.glob("tok*.bin")) if c.is_file()]  # llama2.c's tok512.bin, tok4096.bin
     original = directory / "original" / "tokenizer.model"
-    return original if original.is_file() else None
+    return custom[0] if custom else original if original.is_file() else None
 
 
 def _kind_of(path: Path) -> type[Tokenizer] | None:
@@ -431,11 +422,7 @@ def _kind_of(path: Path) -> type[Tokenizer] | None:
         return HuggingFaceTokenizer
     if _looks_like_tiktoken(head):
         return TiktokenTokenizer
-    if path.suffix == ".bin":
-        return Llama2cTokenizer
-    if path.suffix == ".model":
-        return SentencePieceTokenizer
-    return None
+    return {".bin": Llama2cTokenizer, ".model": SentencePieceTokenizer}.get(path.suffix)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
