@@ -158,6 +158,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return bench_speculative(args)
     if (args.checkpoint_path is None) == (args.shape is None):
         raise LLMKitError("give one of --checkpoint-path P or --shape NAME")
+    if args.checkpoint_path not in (None, "default") and not Path(args.checkpoint_path).exists():
+        raise LLMKitError(f"checkpoint not found: {args.checkpoint_path}; give an existing file or folder, or "
+                          "--shape NAME for random weights of a known shape")  # fmt: skip
     rows = bench(args.checkpoint_path or args.shape, args.quantize or ["none"], args.path or ["eager"],
                  args.device, args.dtype, args.prompt_len, args.new_tokens, args.repeats, args.out)  # fmt: skip
     print(table(rows))

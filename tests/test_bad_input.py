@@ -187,6 +187,10 @@ def test_bench_refuses_before_measuring(capsys, argv, says):
     refused(capsys, "bench", "--shape", "stories15M", *argv, says=says)
 
 
+def test_bench_names_a_missing_checkpoint_as_a_checkpoint_not_a_shape(capsys):
+    refused(capsys, "bench", "--checkpoint-path", "stories15M.bni", says="checkpoint not found: stories15M.bni")
+
+
 def test_bench_with_fewer_new_tokens_than_its_warm_up(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     assert main(["bench", "--checkpoint-path", "default", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1",
