@@ -9,7 +9,6 @@ the command, the commit and the machine.
 
 import asyncio
 import json
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,18 +84,6 @@ async def load_level(url: str, concurrency: int, requests: int, max_tokens: int)
             "itl_p50_s": percentile(gaps, 50), "itl_p95_s": percentile(gaps, 95)}  # fmt: skip
 
 
-def commit() -> str:
-    """The checkout's commit (with "+dirty" for uncommitted changes), or "unknown" outside git."""
-    here = Path(__file__).parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True)  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def bench_serve(server_args: Sequence[str], concurrencies: Sequence[int] = (1, 2, 4, 8, 16, 32),
                 max_tokens: int = 64, requests: int | None = None, out: str | Path | None = None,
                 command: str = "", url: str | None = None) -> list[dict]:  # fmt: skip
@@ -111,7 +98,7 @@ def bench_serve(server_args: Sequence[str], concurrencies: Sequence[int] = (1, 2
         check_output_path(out, force=True)
     server = None if url else ServerProcess(server_args)
     url = url or server.url
-    record = {"command": command, "commit": commit(), "server_args": list(map(str, server_args)),
+    record = {"command": command, "server_args": list(map(str, server_args)),  # environment() names the commit
               **environment(torch.device("cpu")), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     rows = []
     try:
