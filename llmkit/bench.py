@@ -25,7 +25,7 @@ from llmkit.devices import dtype_name, resolve_device, resolve_dtype, sync
 from llmkit.errors import LLMKitError
 from llmkit.executorch import export_pte, load_pte
 from llmkit.generate import LLM
-from llmkit.loading import load
+from llmkit.loading import GGUF_SCHEME, load
 from llmkit.model import SHAPES, Transformer, random_model, shape_args
 from llmkit.quantize import model_size, quantize
 from llmkit.version import __version__
@@ -155,7 +155,7 @@ def command(source: str, scheme: str, path: str, device: str, dtype: str, prompt
 def on_path(model: Transformer, tokenizer, scheme: str, path: str, workdir: Path) -> LLM:
     """An LLM on the requested path (eager, compiled, or exported and loaded back), quantized with the scheme first."""
     llm = LLM(model, tokenizer, name="bench")
-    if scheme != "none":
+    if scheme not in ("none", GGUF_SCHEME):  # a GGUF file's blocks were kept as it loaded
         quantize(llm, scheme)
     if path == "compile":
         compile(llm)
@@ -173,11 +173,12 @@ def is_shape(source: str) -> bool:
     return source in SHAPES or (source != "default" and not Path(source).exists())
 
 
-def build_model(source: str, device: torch.device, dtype: torch.dtype, max_seq_len: int):
+def build_model(source: str, device: torch.device, dtype: torch.dtype, max_seq_len: int, scheme: str = "none"):
     """(model, tokenizer) from a shape name (random weights) or a checkpoint path."""
     if is_shape(source):
         return random_model(shape_args(source, max_seq_len), device, dtype), None
-    llm = load(source, device=device.type, dtype=dtype_name(dtype), max_seq_len=max_seq_len)
+    llm = load(source, device=device.type, dtype=dtype_name(dtype), max_seq_len=max_seq_len,
+               gguf_blocks=scheme == GGUF_SCHEME)  # fmt: skip
     return llm.model, llm.tokenizer
 
 
@@ -209,6 +210,8 @@ def bench(
             raise LLMKitError(f"--out {out}: give a file in an existing folder (results are appended to it)")
     if is_shape(source):
         shape_args(source, 8)  # an unknown shape fails here, before any work
+    if GGUF_SCHEME in schemes and not source.endswith(".gguf"):
+        raise LLMKitError(f"--quantize {GGUF_SCHEME} keeps a .gguf file's own blocks; give one as --checkpoint-path")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     max_seq_len = prompt_len + new_tokens + 1
@@ -218,7 +221,7 @@ def bench(
     # .pte runs last: ExecuTorch's thread pool, once started, slows later runs in the same process
     combos = sorted(((s, p) for s in schemes for p in paths), key=lambda c: c[1] == "pte")
     for scheme, path in tqdm(combos, desc="bench", unit="run"):
-        model, tokenizer = build_model(source, torch_device, torch_dtype, max_seq_len)
+        model, tokenizer = build_model(source, torch_device, torch_dtype, max_seq_len, scheme)
         if torch_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         llm = on_path(model, tokenizer, scheme, path, workdir)

@@ -23,7 +23,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048, help="cap on the context length (KV cache size)")
     add_threads_argument(p)
     p.add_argument("--quantize", default=None, metavar="SCHEME",
-                   help="a preset (int8wo, int4wo-32, 8da4w-256, mobile...), torchchat JSON or JSON file")  # fmt: skip
+                   help="a preset (int8wo, int4wo-32, 8da4w-256, mobile...), torchchat JSON or JSON file; "
+                        "gguf keeps a .gguf file's Q8_0/Q4_0/Q4_1 blocks")  # fmt: skip
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace) -> LLM:
-    from llmkit.loading import load
+    from llmkit.loading import GGUF_SCHEME, load
 
     checkpoint, tokenizer = args.checkpoint_path, args.tokenizer_path
     if args.model:
@@ -52,14 +53,15 @@ def load_from_args(args: argparse.Namespace) -> LLM:
             raise LLMKitError("give --model or --checkpoint-path, not both")
         files = hub.resolve(args.model)
         checkpoint, tokenizer = files.checkpoint, tokenizer or files.tokenizer
-    if args.quantize:
+    blocks = args.quantize == GGUF_SCHEME  # kept as the file has them: nothing to quantize after loading
+    if args.quantize and not blocks:
         from llmkit.quantize import parse_scheme
 
         parse_scheme(args.quantize)  # a malformed scheme fails before the model loads
-    llm = load(checkpoint, tokenizer, args.device, args.dtype, args.max_seq_len)
+    llm = load(checkpoint, tokenizer, args.device, args.dtype, args.max_seq_len, gguf_blocks=blocks)
     if args.model:
         llm.name = args.model  # a Hub snapshot folder is named by its commit hash
-    if args.quantize:
+    if args.quantize and not blocks:
         from llmkit.quantize import quantize
 
         quantize(llm, args.quantize)

@@ -23,6 +23,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 
+from llmkit import ggml_blocks
 from llmkit.checkpoint import build_model, interleaved_to_halves
 from llmkit.errors import LLMKitError, first_line
 from llmkit.model import ModelArgs, Transformer
@@ -30,6 +31,9 @@ from llmkit.tokenizer import LLAMA3_PATTERN, HuggingFaceTokenizer
 
 # The block formats dequantized here: llama.cpp's usual float, 8-, 4- and k-quant files.
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+# the block formats that can stay in their blocks, as torchao tensors (llmkit.ggml_blocks)
+BLOCK_TYPES = {Q.Q8_0: "q8_0", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1"}
 
 # llama.cpp's tensor name (after blk.N.) -> ours (after layers.N.)
 LAYER_NAMES = {
@@ -135,15 +139,44 @@ def load_gguf_model(path: Path, reader: gguf.GGUFReader, max_seq_len: int | None
         name = our_name(tensor.name)
         if name is None:
             raise LLMKitError(f"{path}: tensor {tensor.name} has no place in a llama model; the file is not one")
-        weight = dequantized(tensor, path)
-        if name.endswith("attention.wq.weight"):
-            weight = interleaved_to_halves(weight, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            weight = interleaved_to_halves(weight, args.n_kv_heads)
-        state[name] = weight
+        state[name] = in_our_row_order(dequantized(tensor, path), name, args)
     if args.tie_embeddings:
         state["output.weight"] = state.get("tok_embeddings.weight")
     return build_model(args, state, path)
+
+
+def in_our_row_order(weight: torch.Tensor, name: str, args: ModelArgs) -> torch.Tensor:
+    if name.endswith("attention.wq.weight"):
+        return interleaved_to_halves(weight, args.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return interleaved_to_halves(weight, args.n_kv_heads)
+    return weight
+
+
+def keep_blocks(model: Transformer, reader: gguf.GGUFReader) -> int:
+    """Put back the file's Q8_0, Q4_0 and Q4_1 blocks in place of the float weights they were dequantized to, as
+    torchao tensors (`ggml_blocks.as_torchao`); returns how many weights changed.
+
+    The model's fused wqkv keeps its blocks when q, k and v share a format; a tied output shares the embedding's.
+    """
+    blocks = {}
+    for tensor in reader.tensors:
+        name = our_name(tensor.name)
+        if name is not None and tensor.tensor_type in BLOCK_TYPES:
+            shape = tuple(int(d) for d in reversed(tensor.shape))
+            enc = ggml_blocks.from_bytes(torch.from_numpy(np.array(tensor.data)), BLOCK_TYPES[tensor.tensor_type],
+                                         shape)  # fmt: skip
+            blocks[name] = ggml_blocks.map_rows(enc, lambda rows, name=name: in_our_row_order(rows, name, model.args))
+    for layer in range(model.args.n_layers):
+        parts = [blocks.pop(f"layers.{layer}.attention.{w}.weight", None) for w in ("wq", "wk", "wv")]
+        if all(parts) and len({p.type for p in parts}) == 1:
+            blocks[f"layers.{layer}.attention.wqkv.weight"] = ggml_blocks.cat_rows(parts)
+    for name, enc in blocks.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        module.weight = torch.nn.Parameter(ggml_blocks.as_torchao(enc), requires_grad=False)
+    if model.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return len(blocks)
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------------------
@@ -226,10 +259,15 @@ class GGUFTokenizer(HuggingFaceTokenizer):
         self.chat_template: str | None = metadata(reader, "tokenizer.chat_template")
 
 
-def load_gguf(path: str | Path, max_seq_len: int | None = None) -> tuple[Transformer, GGUFTokenizer]:
-    """The model and the tokenizer of a GGUF file."""
+def load_gguf(
+    path: str | Path, max_seq_len: int | None = None, blocks: bool = False
+) -> tuple[Transformer, GGUFTokenizer]:
+    """The model and the tokenizer of a GGUF file; blocks=True keeps its Q8_0/Q4_0/Q4_1 weights in their blocks."""
     path = Path(path)
     if not path.is_file():
         raise LLMKitError(f"checkpoint not found: {path} (check the path, or use --model with an alias)")
     reader = read(path)
-    return load_gguf_model(path, reader, max_seq_len), GGUFTokenizer(path, reader)
+    model = load_gguf_model(path, reader, max_seq_len)
+    if blocks and keep_blocks(model, reader) == 0:
+        raise LLMKitError(f"{path}: no Q8_0, Q4_0 or Q4_1 weights to keep; drop --quantize gguf (it loads as floats)")
+    return model, GGUFTokenizer(path, reader)

@@ -11,6 +11,7 @@ from llmkit.tokenizer import find_tokenizer, load_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # what the kit ships: its model, benchmark results
 DEFAULT_MODEL = DATA_DIR / "pydoc-lm"
+GGUF_SCHEME = "gguf"  # `--quantize gguf`: a GGUF file's own Q8_0, Q4_0 and Q4_1 blocks, kept at load time
 
 
 def load(
@@ -19,18 +20,22 @@ def load(
     device: str = "cpu",
     dtype: str = "float32",
     max_seq_len: int | None = 2048,
+    gguf_blocks: bool = False,
 ) -> LLM:
     """Load a checkpoint (file, folder, or "default" for the kit's own model) and its tokenizer.
 
     The tokenizer is looked for beside the checkpoint unless given. `max_seq_len` caps the context
-    (and so the KV cache and mask memory) of models trained for very long ones.
+    (and so the KV cache and mask memory) of models trained for very long ones. gguf_blocks=True keeps a GGUF
+    file's Q8_0, Q4_0 and Q4_1 weights in their blocks, as torchao tensors, rather than dequantized.
     """
     if max_seq_len is not None and max_seq_len < 2:
         raise LLMKitError(f"max-seq-len must be at least 2 (a prompt token and a new one), not {max_seq_len}")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     path = DEFAULT_MODEL if str(checkpoint) == "default" else Path(checkpoint)
+    if gguf_blocks and path.suffix != ".gguf":
+        raise LLMKitError(f"--quantize {GGUF_SCHEME} keeps a .gguf file's own blocks, and {path} is not one")
     if path.suffix == ".gguf":  # the file holds its tokenizer too
-        model, tok = load_gguf(path, max_seq_len)
+        model, tok = load_gguf(path, max_seq_len, gguf_blocks)
         tok = tok if tokenizer is None else load_tokenizer(tokenizer)
     else:
         model = load_checkpoint(path, max_seq_len=max_seq_len)
@@ -46,4 +51,7 @@ def load(
         )
     model = model.to(device=torch_device, dtype=torch_dtype)
     model.setup_buffers()
-    return LLM(model, tok, name=path.stem if path.is_file() else path.name)
+    llm = LLM(model, tok, name=path.stem if path.is_file() else path.name)
+    if gguf_blocks:
+        llm.scheme = GGUF_SCHEME
+    return llm

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from llmkit import ggml_blocks
 from llmkit.errors import LLMKitError
 from llmkit.float_formats import FLOAT_FORMATS, representable_values
 from llmkit.scaled_formats import (
@@ -34,13 +35,14 @@ from llmkit.scaled_formats import (
 # One entry point
 # ---------------------------------------------------------------------------------------------
 
-Encoded = FloatEncoded | IntEncoded | BlockEncoded
+Encoded = FloatEncoded | IntEncoded | BlockEncoded | ggml_blocks.GGMLEncoded
 
 FORMATS = [
     "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1",
     "int8", "int4",
     "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4",
     "nvfp4",
+    "q8_0", "q4_0", "q4_1",
 ]  # fmt: skip
 MX_FORMATS = {"mxfp8_e4m3": "fp8_e4m3", "mxfp8_e5m2": "fp8_e5m2", "mxfp6_e3m2": "fp6_e3m2",
               "mxfp6_e2m3": "fp6_e2m3", "mxfp4": "fp4_e2m1"}  # fmt: skip
@@ -49,17 +51,21 @@ PARAMETERS = {
     "int": ("bits", "granularity", "group_size", "symmetric", "eps"),
     "mx": ("block_size",),
     "nvfp4": ("tensor_scale",),
+    "ggml": (),
 }
 
 
 def parse_format(format: str) -> tuple[str, str | int | None]:
-    """("float", name) | ("int", bits or None) | ("mx", element) | ("nvfp4", None); int2..int8 and "int" work too."""
+    """("float", name) | ("int", bits or None) | ("mx", element) | ("nvfp4", None) | ("ggml", GGUF block type);
+    int2..int8 and "int" work too."""
     if format in FLOAT_FORMATS:
         return "float", format
     if format in MX_FORMATS:
         return "mx", MX_FORMATS[format]
     if format == "nvfp4":
         return "nvfp4", None
+    if format in ggml_blocks.TYPES:
+        return "ggml", format
     if format == "int":
         return "int", None
     if isinstance(format, str) and format.startswith("int") and format[3:].isdigit():
@@ -83,6 +89,8 @@ def quantize_tensor(x: Tensor, format: str, **params) -> Encoded:
         return quantize_int(x, **{**params, "bits": params.get("bits", arg or 8)})
     if kind == "mx":
         return quantize_mx(x, arg, **params)
+    if kind == "ggml":
+        return ggml_blocks.quantize(x, arg)
     return quantize_nvfp4(x, **params)
 
 
@@ -92,6 +100,8 @@ def dequantize_tensor(enc: Encoded) -> Tensor:
         return dequantize_float(enc)
     if isinstance(enc, IntEncoded):
         return dequantize_int(enc)
+    if isinstance(enc, ggml_blocks.GGMLEncoded):
+        return ggml_blocks.dequantize(enc)
     return dequantize_block(enc)
 
 
@@ -104,6 +114,8 @@ def bits_per_value(enc: Encoded) -> int:
     """Bits of one element code, scales not counted."""
     if isinstance(enc, IntEncoded):
         return enc.bits
+    if isinstance(enc, ggml_blocks.GGMLEncoded):
+        return 8 if enc.type == "q8_0" else 4
     return enc.fmt.bits if isinstance(enc, FloatEncoded) else enc.element.bits
 
 
@@ -111,7 +123,8 @@ def effective_bits_per_weight(enc: Encoded) -> float:
     """Storage per value with the scales and zero points: codes at their width, metadata as stored."""
     n = enc.codes.numel()
     total = n * bits_per_value(enc)
-    for meta in (enc.scales, getattr(enc, "zero_points", None), getattr(enc, "tensor_scale", None)):
+    for meta in (enc.scales, getattr(enc, "zero_points", None), getattr(enc, "tensor_scale", None),
+                 getattr(enc, "mins", None)):  # fmt: skip
         if meta is not None:
             total += meta.numel() * meta.element_size() * 8
     return total / n
@@ -155,6 +168,13 @@ def value_grid(enc: Encoded, group: int = 0) -> Tensor:
     if isinstance(enc, FloatEncoded):
         grid = representable_values(enc.fmt)
         return grid if enc.scales is None else grid * enc.scales.flatten()[group]
+    if isinstance(enc, ggml_blocks.GGMLEncoded):
+        d = enc.scales.flatten()[group].float()
+        if enc.type == "q8_0":
+            return torch.arange(-127, 128, dtype=torch.float32) * d
+        if enc.type == "q4_0":
+            return (torch.arange(16, dtype=torch.float32) - 8) * d
+        return torch.arange(16, dtype=torch.float32) * d + enc.mins.flatten()[group].float()
     return representable_values(enc.element) * block_scale_values(enc).flatten()[group]
 
 
@@ -187,7 +207,7 @@ def sweep_configs(group_sizes: "list[int] | tuple[int, ...]" = (32, 64, 128, 256
     for g in group_sizes:
         configs += [(f, {"group_size": g}) for f in ("int8", "int4", "fp6_e2m3", "fp4_e2m1")]
     configs += [(f, {}) for f in MX_FORMATS] + [("nvfp4", {})]
-    return configs
+    return configs + [(f, {}) for f in ggml_blocks.TYPES]
 
 
 def describe(format: str, params: dict) -> str:
@@ -217,6 +237,8 @@ def block_multiple(format: str, params: dict) -> int:
         return params.get("block_size", MX_BLOCK)
     if kind == "nvfp4":
         return NVFP4_BLOCK
+    if kind == "ggml":
+        return ggml_blocks.BLOCK
     return params.get("group_size") or 1
 
 
@@ -229,7 +251,8 @@ def fake_quantize_linears(
     precision. A tied output weight is untied in the copy, so the embedding stays exact.
     pad=True zero-pads a weight whose input width is not a multiple of the group or block size
     (an MLP width of 688 under blocks of 32) and crops it back: zeros raise no amax and every
-    range holds 0, so this is exactly a shorter last group. Without it such a layer is an error.
+    range holds 0, so this is exactly a shorter last group (except for Q4_1, whose range then stretches to 0).
+    Without it such a layer is an error.
     """
     model = copy.deepcopy(model)
     multiple = block_multiple(format, params)

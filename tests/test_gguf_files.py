@@ -1,5 +1,7 @@
 """GGUF files written here with gguf's own writer load back as the model and tokenizer they were written from."""
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import gguf
@@ -81,3 +83,49 @@ def test_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path, make_model,
     for text in TEXTS:
         assert tok.encode(text) == [sp.bos_id(), *sp.encode(text)], text
         assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text)), text
+
+
+def test_block_weights_stay_in_their_blocks_as_torchao_tensors(tmp_path, make_model, sp_model):
+    """`gguf_blocks=True`: Q8_0/Q4_0/Q4_1 weights become torchao tensors holding what the float load holds (Q4_1
+    within float32 rounding); a wqkv whose parts differ in format, and F32 tensors, stay float."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    model = make_model()
+    types = {f"blk.0.attn_{w}.weight": Q.Q4_1 for w in "qkv"} | {"blk.1.attn_q.weight": Q.Q4_0}  # layer 1: mixed
+    types |= {f"blk.{i}.ffn_{w}.weight": Q.Q4_0 for i in (0, 1) for w in ("gate", "up", "down")}
+    types |= {"token_embd.weight": Q.Q8_0, "output.weight": Q.Q8_0, "blk.0.attn_output.weight": Q.Q8_0}
+    path = write_gguf(tmp_path / "m.gguf", model, sp_model, types=types)
+    floats, blocks = llmkit.load(path), llmkit.load(path, gguf_blocks=True)
+    assert blocks.scheme == "gguf"
+    kept = {n for n, p in blocks.model.named_parameters() if isinstance(p, IntxUnpackedToInt8Tensor)}
+    mlp = {f"layers.{i}.feed_forward.{w}.weight" for i in (0, 1) for w in ("w1", "w2", "w3")}
+    assert kept == mlp | {"layers.0.attention.wqkv.weight", "layers.0.attention.wo.weight", "tok_embeddings.weight",
+                          "output.weight"}  # fmt: skip
+    expected = dict(floats.model.named_parameters())
+    for name, weight in blocks.model.named_parameters():
+        values = weight.dequantize() if name in kept else weight
+        torch.testing.assert_close(values, expected[name], rtol=0, atol=1e-6)  # Q4_1's float zero: a rounding
+    tokens = torch.randint(0, TINY.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(blocks.model(tokens), floats.model(tokens), rtol=0, atol=1e-5)
+
+
+def test_gguf_blocks_need_a_gguf_file_with_blocks(tmp_path, make_model, sp_model, tiny_folder):
+    with pytest.raises(llmkit.LLMKitError, match="not one"):
+        llmkit.load(tiny_folder, gguf_blocks=True)
+    with pytest.raises(llmkit.LLMKitError, match="no Q8_0, Q4_0 or Q4_1 weights"):
+        llmkit.load(write_gguf(tmp_path / "f32.gguf", make_model(), sp_model), gguf_blocks=True)
+
+
+def test_cli_quantize_gguf_generates_what_the_float_load_generates(tmp_path, make_model, sp_model):
+    """Q8_0 and Q4_0 blocks hold exactly the float load's values, so greedy text is the same token for token."""
+    types = {f"blk.{i}.{w}.weight": Q.Q4_0 for i in (0, 1) for w in ("attn_q", "attn_k", "attn_v", "ffn_up")}
+    path = write_gguf(tmp_path / "m.gguf", make_model(), sp_model, types=types | {"output.weight": Q.Q8_0})
+    args = [sys.executable, "-m", "llmkit", "generate", "--checkpoint-path", path, "--prompt", "the model reads",
+            "--max-new-tokens", "12", "--temperature", "0"]  # fmt: skip
+    floats = subprocess.run(args, capture_output=True, text=True)
+    blocks = subprocess.run([*args, "--quantize", "gguf"], capture_output=True, text=True)
+    assert floats.returncode == blocks.returncode == 0, blocks.stderr
+    assert blocks.stdout == floats.stdout and len(floats.stdout) > len("the model reads")
+    wrong = subprocess.run([*args[:5], "default", "--quantize", "gguf"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "not one" in wrong.stderr

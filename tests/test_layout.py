@@ -9,7 +9,7 @@ MAX_LINES = 450
 # The layers of README.md's Layout section, bottom first: a module imports only from its own layer or below.
 LAYERS = [
     {"errors", "files", "devices", "version"},
-    {"model", "tokenizer", "float_formats", "scaled_formats", "numerics", "data"},
+    {"model", "tokenizer", "float_formats", "scaled_formats", "ggml_blocks", "numerics", "data"},
     {"checkpoint", "gguf", "sampling", "generate", "loading", "engine", "speculative"},
     {"quantize", "evaluate", "chat", "hub"},
     {"cpu_codegen", "graph_passes", "compile", "artifacts", "aoti", "executorch"},
