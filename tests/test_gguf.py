@@ -78,6 +78,15 @@ def test_logits_match_transformers(ours, reference, prompt):
     assert (got - expected).abs().max() <= 1e-4
 
 
+def test_kept_blocks_give_transformers_logits(smollm2_gguf, reference):
+    """`--quantize gguf`: the file's Q4_1 and Q8_0 blocks as torchao tensors, not dequantized at load, give the
+    same logits within the same 1e-4 (Q4_1's float zero point adds a float32 rounding per weight)."""
+    blocks = llmkit.load(smollm2_gguf, gguf_blocks=True)
+    ids = torch.tensor([reference[1].encode(PROMPTS[0])])
+    with torch.no_grad():
+        assert (blocks.model(ids) - reference[0](ids).logits).abs().max() <= 1e-4
+
+
 def test_token_ids_match_transformers(ours, reference):
     tok = reference[1]
     for text in CORPUS:
