@@ -6,9 +6,10 @@ models.json (or of the JSON file that $LLMKIT_MODELS names, for your own aliases
 
     repo            the Hub repository of the checkpoint
     files           the files fetched from it (exact names: each must exist after a download, and before use)
-    format          llama2c, hf or meta: what `llmkit.checkpoint.load_checkpoint` will read
+    format          llama2c, hf, meta or gguf: what `llmkit.load` will read
     checkpoint      the file or folder ("." for the repository itself) passed to `load`
-    tokenizer       the tokenizer file: in `files`, or in `tokenizer_repo` when the repository lacks one
+    tokenizer       the tokenizer file: in `files`, or in `tokenizer_repo` when the repository lacks one (a .gguf
+                    file holds its own: name the checkpoint)
     tokenizer_repo  (optional) a second repository that holds the tokenizer
     revision        (optional) branch, tag or commit of `repo`; default main
     size_mb         approximate download size
@@ -35,7 +36,7 @@ from huggingface_hub.errors import (
 from llmkit.errors import LLMKitError
 
 BUILTIN_MODELS = Path(__file__).with_name("models.json")
-FORMATS = ("llama2c", "hf", "meta")
+FORMATS = ("llama2c", "hf", "meta", "gguf")
 
 
 class Source(NamedTuple):

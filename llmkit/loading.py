@@ -36,7 +36,7 @@ def load(
         raise LLMKitError(f"--quantize {GGUF_SCHEME} keeps a .gguf file's own blocks, and {path} is not one")
     if path.suffix == ".gguf":  # the file holds its tokenizer too
         model, tok = load_gguf(path, max_seq_len, gguf_blocks)
-        tok = tok if tokenizer is None else load_tokenizer(tokenizer)
+        tok = tok if tokenizer is None or Path(tokenizer) == path else load_tokenizer(tokenizer)
     else:
         model = load_checkpoint(path, max_seq_len=max_seq_len)
         if tokenizer is None:

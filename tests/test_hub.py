@@ -313,3 +313,22 @@ def test_remove_keeps_files_another_downloaded_model_uses(cache, tmp_path, monke
     assert not list(cache.iterdir())
     with pytest.raises(LLMKitError, match="b is not downloaded; there is nothing to remove"):
         hub.remove("b")
+
+
+def test_gguf_model_by_alias_is_the_file_it_names(cache, make_model, sentencepiece_model, tmp_path):
+    """A registry GGUF entry (one file, its own tokenizer) resolves offline to the cached file, which loads with the
+    tokenizer inside it, as the file itself does."""
+    from conftest import write_gguf
+
+    entry = hub.model_info("SmolLM2-135M-Instruct-Q8_0")
+    assert entry.format == "gguf" and entry.checkpoint == entry.tokenizer == entry.files[0]
+    written = write_gguf(tmp_path / "m.gguf", make_model(), sentencepiece_model(tmp_path / "sp"))
+    put(cache, entry.repo, {entry.checkpoint: written.read_bytes()})
+    files = hub.resolve("SmolLM2-135M-Instruct-Q8_0")
+    assert files.checkpoint.name == entry.checkpoint and files.checkpoint.read_bytes() == written.read_bytes()
+    by_alias, direct = load(*files), load(written)
+    prompt = "the model reads the text"
+    assert by_alias.tokenizer.encode(prompt, bos=True) == direct.tokenizer.encode(prompt, bos=True)
+    assert by_alias.generate(prompt, max_new_tokens=8, temperature=0).text == direct.generate(
+        prompt, max_new_tokens=8, temperature=0
+    ).text
