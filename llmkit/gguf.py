@@ -26,6 +26,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from llmkit import ggml_blocks
 from llmkit.checkpoint import build_model, interleaved_to_halves
 from llmkit.errors import LLMKitError, first_line
+from llmkit.files import check_output_path, write_file_atomically
 from llmkit.model import ModelArgs, Transformer
 from llmkit.tokenizer import LLAMA3_PATTERN, HuggingFaceTokenizer
 
@@ -34,6 +35,9 @@ SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K,
 
 # the block formats that can stay in their blocks, as torchao tensors (llmkit.ggml_blocks)
 BLOCK_TYPES = {Q.Q8_0: "q8_0", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1"}
+
+# what `convert` writes: llama.cpp's float and basic block formats (its k-quants have no writer in `gguf`)
+WRITABLE_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 
 # llama.cpp's tensor name (after blk.N.) -> ours (after layers.N.)
 LAYER_NAMES = {
@@ -271,3 +275,36 @@ def load_gguf(
     if blocks and keep_blocks(model, reader) == 0:
         raise LLMKitError(f"{path}: no Q8_0, Q4_0 or Q4_1 weights to keep; drop --quantize gguf (it loads as floats)")
     return model, GGUFTokenizer(path, reader)
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+
+def convert(source: str | Path, target: str | Path, type: str, force: bool = False) -> Path:
+    """A copy of a GGUF file whose matrices are stored as `type` (f32, f16, q8_0, q4_0 or q4_1), with gguf's writer.
+
+    The metadata (config, tokenizer, chat template) is copied as is; each matrix is dequantized and encoded again
+    by `gguf.quants.quantize`, as llama.cpp's `llama-quantize --allow-requantize` would; vectors (the norms) stay
+    F32, as llama.cpp wants them. Written under a temporary name and renamed when complete.
+    """
+    if type not in WRITABLE_TYPES:
+        raise LLMKitError(f"cannot write GGUF tensors as {type!r}; use one of {', '.join(WRITABLE_TYPES)}")
+    source, target = Path(source), check_output_path(target, force)
+    reader = read(source)
+    qtype = WRITABLE_TYPES[type]
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, metadata(reader, "general.architecture"))
+        for field in reader.fields.values():  # the writer adds the architecture and the GGUF.* header itself
+            if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+                writer.add_key_value(field.name, field.contents(), field.types[0], field.types[-1])
+        for tensor in reader.tensors:
+            values = dequantized(tensor, source).numpy()  # PyTorch's order: rows of the last, fastest size
+            kind = qtype if values.ndim > 1 else Q.F32
+            writer.add_tensor(tensor.name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=True)
+        writer.close()
+
+    return write_file_atomically(target, write)

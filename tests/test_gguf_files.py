@@ -129,3 +129,32 @@ def test_cli_quantize_gguf_generates_what_the_float_load_generates(tmp_path, mak
     assert blocks.stdout == floats.stdout and len(floats.stdout) > len("the model reads")
     wrong = subprocess.run([*args[:5], "default", "--quantize", "gguf"], capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "not one" in wrong.stderr
+
+
+def test_convert_rewrites_the_matrices_and_keeps_the_rest(tmp_path, make_model, sp_model):
+    """A Q4_1 file converted to F32 loads as the same model; to Q8_0, each matrix is gguf's own encoding of those
+    values; the metadata is copied whole; an existing target is kept unless forced."""
+    from llmkit.gguf import convert
+
+    model = make_model()
+    source = write_gguf(tmp_path / "m.gguf", model, sp_model, types=dict.fromkeys(["blk.0.attn_q.weight",
+                                                                                  "blk.1.ffn_up.weight"], Q.Q4_1))
+    f32, q8 = convert(source, tmp_path / "f32.gguf", "f32"), convert(source, tmp_path / "q8.gguf", "q8_0")
+    floats = llmkit.load(source)
+    tokens = torch.randint(0, TINY.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(llmkit.load(f32).model(tokens), floats.model(tokens))
+    original, written = read(source), read(q8)
+    for before, after in zip(original.tensors, written.tensors, strict=True):
+        values = gguf.quants.dequantize(before.data, before.tensor_type)
+        expected_type = Q.Q8_0 if len(before.shape) > 1 else Q.F32
+        assert after.name == before.name and after.tensor_type == expected_type
+        encoded = gguf.quants.quantize(values, expected_type)
+        assert np.array_equal(np.asarray(after.data), encoded.reshape(after.data.shape))
+    keep = {name for name in original.fields if not name.startswith("GGUF.")}
+    assert {n: original.fields[n].contents() for n in keep} == {n: written.fields[n].contents() for n in keep}
+    with pytest.raises(llmkit.LLMKitError, match="already exists"):
+        convert(source, q8, "q8_0")
+    with pytest.raises(llmkit.LLMKitError, match="use one of"):
+        convert(source, tmp_path / "k.gguf", "q4_k")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
