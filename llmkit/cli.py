@@ -212,6 +212,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise LLMKitError(f"--port must be 0 to 65535, not {args.port}")
     llm = load_from_args(args)
     engine = Engine(llm, args.max_batch_size, args.max_queue)
+    if args.compile:
+        from llmkit.compile import compile_batched_decode
+
+        engine.decode_step = compile_batched_decode(llm, args.max_batch_size)
     serve(engine, args.host, args.port, args.api_key,
           on_ready=lambda url: print(f"serving {llm.name} on {url} (up to {args.max_batch_size} requests at once); "
                                      "Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))  # fmt: skip
@@ -225,6 +229,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
               "--max-queue", max(args.concurrency)]  # fmt: skip
     server += ["--model", args.model] if args.model else []
     server += ["--quantize", args.quantize] if args.quantize else []
+    server += ["--compile"] if args.compile else []
     print(f"serving with: {' '.join(map(str, server))}", file=sys.stderr)
     rows = bench_serve(server, args.concurrency, args.max_tokens, args.requests, args.out,
                        command="llmkit " + " ".join(args.argv), url=args.url)  # fmt: skip
@@ -362,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get a 503")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    p.add_argument("--compile", action="store_true", help="compile the decode step for batch sizes 1, 2, 4, ... max")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="measure llmkit serve under 1 to 32 concurrent streaming clients")
@@ -371,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantize", default=None, metavar="SCHEME")
     p.add_argument("--server-threads", type=int, default=1, help="the server's --threads")
+    p.add_argument("--compile", action="store_true", help="the server's --compile")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (end of sequence ignored)")

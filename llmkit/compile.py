@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from llmkit.cpu_codegen import short_loads_in_one_instruction
 from llmkit.errors import first_line
@@ -53,14 +54,7 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
         llm.step, llm.compile_time = llm.target.step, llm.target.compile_time + llm.draft.compile_time
         return llm
     model, device = llm.model, llm.device
-    options = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()}
-    if device.type == "cuda":  # coordinate descent tuning: one-row matmuls as reductions at memory bandwidth
-        options["coordinate_descent_tuning"] = True
-        # the tuner times a kernel that writes into its input together with a copy of that input,
-        # which hides the differences between configurations: fresh output buffers
-        options["inplace_buffers"] = False
-    else:  # inductor's C++ path without Python between kernels
-        options["cpp_wrapper"] = True
+    options = _options(device)
     decode_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, options=options)
     prefill_fn = torch.compile(own_copy(prefill_prompt), fullgraph=True, dynamic=True, options=options)
     start = time.perf_counter()
@@ -99,6 +93,56 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
 
     llm.step = step
     return llm
+
+
+def batch_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes a serving engine compiles its decode step for: the powers of two below the largest, and it."""
+    return [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size] + [max_batch_size]
+
+
+def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """A serving engine's decode step (tokens and positions [B, 1]) compiled for each of `batch_sizes`, as vLLM
+    captures its CUDA graphs: B rows run padded to the next size, each size one static graph (on a GPU, one
+    CUDA graph replay). Call after the engine has set up the model's cache of max_batch_size rows.
+
+    A padding row decodes token 0 at position 0 of a cache row no request holds; a request that takes that row
+    later writes its prompt there before reading it.
+    """
+    model, device = llm.model, llm.device
+    sizes, steps = batch_sizes(max_batch_size), {}
+    with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
+        for size in tqdm(sizes, desc="compiling the decode step", unit="batch size"):
+            # a function of its own per size: dynamo's limit of 8 graphs per function would end in eager
+            fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=_options(device))
+            tokens = torch.zeros(size, 1, dtype=torch.long, device=device)
+            positions = torch.zeros(size, 1, dtype=torch.long, device=device)
+            for _ in range(2):  # compile and tune, then run once more
+                fn(model, tokens, positions)
+            steps[size] = partial(fn, model)
+            if device.type == "cuda":
+                steps[size] = _record_cuda_graph(steps[size], tokens, positions)
+
+    def decode(tokens: Tensor, positions: Tensor) -> Tensor:
+        rows = tokens.shape[0]
+        size = next(s for s in sizes if s >= rows)
+        if size > rows:
+            tokens = torch.cat([tokens, tokens.new_zeros(size - rows, 1)])
+            positions = torch.cat([positions, positions.new_zeros(size - rows, 1)])
+        return steps[size](tokens, positions)[:rows]
+
+    return decode
+
+
+def _options(device: torch.device) -> dict:
+    options = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()}
+    if device.type == "cuda":  # coordinate descent tuning: one-row matmuls as reductions at memory bandwidth
+        options["coordinate_descent_tuning"] = True
+        # the tuner times a kernel that writes into its input together with a copy of that input,
+        # which hides the differences between configurations: fresh output buffers
+        options["inplace_buffers"] = False
+    else:  # inductor's C++ path without Python between kernels
+        options["cpp_wrapper"] = True
+    return options
 
 
 @contextlib.contextmanager

@@ -85,6 +85,8 @@ class Engine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.model.setup_buffers(max_batch_size)  # the engine owns the model's cache from now on
         self.caches = [layer.attention.kv_cache for layer in self.model.layers]
+        # tokens and positions [B, 1] -> logits: the model, or its compiled step (`compile_batched_decode`)
+        self.decode_step: Callable[[Tensor, Tensor], Tensor] = self.model
         self.eos = set(llm.tokenizer.eos_ids)
         self.active: list[Request] = []  # row i of the cache is active[i]
         self.positions: list[int] = []  # where each row's next token goes
@@ -189,7 +191,7 @@ class Engine:
         device = self.llm.device
         tokens = torch.tensor([[r.tokens[-1]] for r in self.active], device=device)
         positions = torch.tensor(self.positions, device=device)[:, None]
-        logits = self.model(tokens, positions)[:, -1].cpu()  # one copy from a GPU, then each row samples
+        logits = self.decode_step(tokens, positions)[:, -1].cpu()  # one copy from a GPU, then each row samples
         for i in range(len(self.active)):
             self.positions[i] += 1
         for request, row in zip(list(self.active), logits, strict=True):

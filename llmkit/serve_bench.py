@@ -96,7 +96,8 @@ def bench_serve(server_args: Sequence[str], concurrencies: Sequence[int] = (1, 2
         raise LLMKitError("--concurrency, --max-tokens and --requests must be at least 1")
     if out:
         check_output_path(out, force=True)
-    server = None if url else ServerProcess(server_args)
+    # compiling the decode step for every batch size takes minutes on a CPU before the server answers
+    server = None if url else ServerProcess(server_args, timeout=900 if "--compile" in server_args else 120)
     url = url or server.url
     record = {"command": command, "server_args": list(map(str, server_args)),  # environment() names the commit
               **environment(torch.device("cpu")), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip

@@ -40,6 +40,21 @@ def test_eight_greedy_requests_batched_equal_each_alone(tiny_folder, engine):
     assert engine.load()["active"] == 0 and engine.steps < sum(lengths)  # batched: fewer steps than tokens
 
 
+def test_the_compiled_step_padded_to_its_batch_sizes_gives_the_eager_tokens(tiny_folder, engine):
+    """`serve --compile`: batches of 3 run padded to the compiled size 4, then 2 and 1 as requests finish; every
+    request gets the tokens it gets alone, eager (greedy over logits within float32 rounding of eager's)."""
+    from llmkit.compile import batch_sizes, compile_batched_decode
+
+    assert batch_sizes(4) == [1, 2, 4] and batch_sizes(6) == [1, 2, 4, 6] and batch_sizes(1) == [1]
+    reference = llmkit.load(tiny_folder)
+    lengths = [30, 12, 21]
+    alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS[:3], lengths, strict=True)]
+    engine.decode_step = compile_batched_decode(engine.llm, engine.max_batch_size)
+    requests = [Request(reference.encode_prompt(p), n, temperature=0) for p, n in zip(PROMPTS[:3], lengths, strict=True)]
+    run_to_completion(engine, requests, timeout=120)
+    assert [r.tokens for r in requests] == [a.tokens for a in alone]
+
+
 def test_a_seeded_request_gets_the_same_tokens_alone_or_batched(tiny_folder, engine):
     reference = llmkit.load(tiny_folder)
     alone = reference.generate(PROMPTS[0], max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.95, seed=7)
