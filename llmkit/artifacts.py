@@ -10,6 +10,7 @@ from llmkit.devices import dtype_name
 from llmkit.errors import LLMKitError
 from llmkit.files import check_output_path, sha256, write_file_atomically
 from llmkit.generate import LLM
+from llmkit.gguf import load_gguf_tokenizer
 from llmkit.tokenizer import Tokenizer, load_tokenizer
 from llmkit.version import __version__
 
@@ -68,7 +69,8 @@ def load_checked_tokenizer(artifact: Path, given: str | Path | None, tokenizer_f
     tok_path = Path(given) if given else tokenizer_beside(artifact, tokenizer_file)
     if not tok_path.is_file():
         raise LLMKitError(f"the tokenizer {tok_path} of {artifact} is missing; pass --tokenizer-path to the original")
-    tok = load_tokenizer(tok_path)
+    # a GGUF model's tokenizer is its checkpoint file, copied beside the artifact: the vocabulary is in its metadata
+    tok = load_gguf_tokenizer(tok_path) if tok_path.suffix == ".gguf" else load_tokenizer(tok_path)
     if tok.vocab_size > vocab_size:
         raise LLMKitError(
             f"the tokenizer {tok_path} has {tok.vocab_size} tokens but {artifact} knows {vocab_size}: it is not "

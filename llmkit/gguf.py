@@ -263,6 +263,12 @@ class GGUFTokenizer(HuggingFaceTokenizer):
         self.chat_template: str | None = metadata(reader, "tokenizer.chat_template")
 
 
+def load_gguf_tokenizer(path: str | Path) -> GGUFTokenizer:
+    """The tokenizer of a GGUF file alone (an exported model's copy of its checkpoint's file, say)."""
+    path = Path(path)
+    return GGUFTokenizer(path, read(path))
+
+
 def load_gguf(
     path: str | Path, max_seq_len: int | None = None, blocks: bool = False
 ) -> tuple[Transformer, GGUFTokenizer]:

@@ -47,10 +47,10 @@ def test_the_compiled_step_padded_to_its_batch_sizes_gives_the_eager_tokens(tiny
 
     assert batch_sizes(4) == [1, 2, 4] and batch_sizes(6) == [1, 2, 4, 6] and batch_sizes(1) == [1]
     reference = llmkit.load(tiny_folder)
-    lengths = [30, 12, 21]
-    alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS[:3], lengths, strict=True)]
+    work = list(zip(PROMPTS[:3], [30, 12, 21], strict=True))
+    alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in work]
     engine.decode_step = compile_batched_decode(engine.llm, engine.max_batch_size)
-    requests = [Request(reference.encode_prompt(p), n, temperature=0) for p, n in zip(PROMPTS[:3], lengths, strict=True)]
+    requests = [Request(reference.encode_prompt(p), n, temperature=0) for p, n in work]
     run_to_completion(engine, requests, timeout=120)
     assert [r.tokens for r in requests] == [a.tokens for a in alone]
 

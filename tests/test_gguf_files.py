@@ -158,3 +158,16 @@ def test_convert_rewrites_the_matrices_and_keeps_the_rest(tmp_path, make_model, 
     with pytest.raises(llmkit.LLMKitError, match="use one of"):
         convert(source, tmp_path / "k.gguf", "q4_k")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_an_exported_gguf_model_loads_back_with_the_files_tokenizer(tmp_path, make_model, sp_model):
+    """The .pte of a GGUF model travels with a copy of the file, whose metadata holds the tokenizer."""
+    from llmkit.executorch import export_pte, load_pte
+
+    llm = llmkit.load(write_gguf(tmp_path / "m.gguf", make_model(), sp_model))
+    pte = load_pte(export_pte(llm, tmp_path / "m.pte"))
+    prompt = "the model reads the text"
+    assert pte.tokenizer.encode(prompt, bos=True) == llm.tokenizer.encode(prompt, bos=True)
+    assert pte.generate(prompt, max_new_tokens=8, temperature=0).tokens == llm.generate(
+        prompt, max_new_tokens=8, temperature=0
+    ).tokens
