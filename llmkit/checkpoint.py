@@ -9,6 +9,7 @@ Meta files are permuted once at load time and one forward serves both.
 """
 
 import json
+import pickle
 import shutil
 import struct
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import LLMKitError, first_line
-from llmkit.files import check_output_path, write_folder_atomically
+from llmkit.files import check_output_path, read_json_object, write_folder_atomically
 from llmkit.model import ModelArgs, Transformer
 
 LLAMA2C_HEADER = struct.Struct("7i")
@@ -48,19 +49,6 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder the rows of a q/k projection from halves RoPE back to interleaved pairs (the inverse)."""
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def read_json_object(path: Path, what: str) -> dict:
-    """A JSON file that must hold an object (config.json, params.json, an index), or one clear error."""
-    if not path.is_file():
-        raise LLMKitError(f"{path} is missing: a {what} needs it beside its weights")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LLMKitError(f"{path} is not valid JSON ({first_line(e)}); download the checkpoint again") from None
-    if not isinstance(value, dict):
-        raise LLMKitError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not a {what}'s file")
-    return value
 
 
 def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> Transformer:
@@ -354,10 +342,7 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise LLMKitError(f"{folder}: params.json but no consolidated.*.pth weights")
-    try:
-        parts = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
-    except Exception as e:  # torch raises several types for a damaged zip
-        raise LLMKitError(f"{folder}: cannot read the .pth weights ({e}); download them again") from None
+    parts = [read_torch_file(s, "download it again", mmap=True) for s in shards]
     state = {}
     for name in parts[0]:
         if name.endswith("rope.freqs"):
@@ -380,6 +365,21 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return build_model(args, state, folder)
+
+
+# What torch.load raises for a damaged, truncated or foreign file (a zip or pickle broken anywhere), measured
+# on random, cut and bit-flipped files; anything else is a bug to see, not a bad download.
+DAMAGED_TORCH_FILE = (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError)
+
+
+def read_torch_file(path: Path, fix: str, mmap: bool = False) -> object:
+    """torch.load of weights only, or one line naming the file and `fix` (what the user should do)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError as e:
+        raise LLMKitError(f"cannot read {path} ({e.strerror or e}); check that it is a readable file") from None
+    except DAMAGED_TORCH_FILE as e:
+        raise LLMKitError(f"{path} is damaged or not a PyTorch file ({first_line(e)}); {fix}") from None
 
 
 def save_meta(model: Transformer, folder: str | Path, force: bool = False) -> Path:
