@@ -71,6 +71,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
     draft_path, k = getattr(args, "draft_checkpoint_path", None), getattr(args, "speculate_k", None)
     if k is not None and draft_path is None:
         raise LLMKitError("--speculate-k needs --draft-checkpoint-path (the model that guesses)")
+    check_package_flags(args)
     if getattr(args, "aoti_package_path", None):
         from llmkit.aoti import load_aoti
 
@@ -86,6 +87,23 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
         print("compiling (the first calls take a while)...", file=sys.stderr)
         compile(llm, prefill=args.compile_prefill)
     return llm
+
+
+def check_package_flags(args: argparse.Namespace) -> None:
+    """An exported package was fixed when it was made (weights, scheme, device, context): refuse the flags that
+    would change the model rather than ignore them without a word."""
+    packages = [f"--{n.replace('_', '-')}" for n in ("aoti_package_path", "pte_path") if getattr(args, n, None)]
+    if len(packages) > 1:
+        raise LLMKitError("give --aoti-package-path or --pte-path, not both")
+    defaults = argparse.ArgumentParser()
+    add_model_arguments(defaults)
+    add_run_arguments(defaults)
+    keep = {"tokenizer_path", "threads", "aoti_package_path", "pte_path", "draft_checkpoint_path", "speculate_k"}
+    given = [f"--{n.replace('_', '-')}" for n, v in vars(defaults.parse_args([])).items()
+             if n not in keep and getattr(args, n, v) != v]  # fmt: skip
+    if packages and given:
+        raise LLMKitError(f"{', '.join(given)} can't change the program {packages[0]} runs (it was fixed by llmkit "
+                          "export); leave them out, or export again with them")  # fmt: skip
 
 
 def with_draft(llm: LLM, args: argparse.Namespace) -> LLM:
