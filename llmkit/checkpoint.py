@@ -79,6 +79,10 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> Transfo
 
 def build_model(args: ModelArgs, state: dict, path: Path) -> Transformer:
     """The model of args holding the weights of state (our names; wq, wk and wv apart), or one clear error."""
+    layers = 1 + max((int(name.split(".")[1]) for name in state if name.startswith("layers.")), default=-1)
+    if layers != args.n_layers:  # before building: a config's typo of 100000 layers would take minutes to build
+        raise LLMKitError(f"{path}: its config says {args.n_layers} layers but its weights hold {layers}; "
+                          "the config or the weights are from another model")  # fmt: skip
     with torch.device("meta"):
         model = Transformer(args)
     try:
@@ -229,7 +233,7 @@ def load_hf(folder: Path, max_seq_len: int | None = None) -> Transformer:
     config = read_json_object(folder / "config.json", "Hugging Face checkpoint")
     try:
         args = args_from_hf_config(config, max_seq_len)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a field missing, wrong or 0
         raise LLMKitError(f"{folder / 'config.json'} does not describe a model ({type(e).__name__}: {e})") from None
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -354,7 +358,7 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
             state[name] = torch.cat([p[name] for p in parts], dim=cat_dim)
     try:
         args = args_from_meta(params, state, max_seq_len)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a field missing, wrong or 0
         what = f"{type(e).__name__}: {e}"
         raise LLMKitError(f"{folder / 'params.json'} does not describe these weights ({what})") from None
     n_heads, n_kv_heads = args.n_heads, args.n_kv_heads

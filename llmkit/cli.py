@@ -6,6 +6,7 @@ Every user-fixable problem is an `LLMKitError`: one line on stderr, exit status 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -416,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # what the user typed, for records such as the model card
     try:
         if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise LLMKitError(f"--threads must be at least 1, not {args.threads}")
+            if not 1 <= args.threads <= 4 * (os.cpu_count() or 1):  # more only starts threads that wait
+                raise LLMKitError(f"--threads must be 1 to {4 * (os.cpu_count() or 1)} here, not {args.threads}")
             import torch
 
             torch.set_num_threads(args.threads)

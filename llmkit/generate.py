@@ -127,7 +127,7 @@ class LLM:
 
         Stops at an end-of-sequence token, a stop string, `max_new_tokens` or the end of the context.
         """
-        check_sampling(temperature, top_k, top_p, max_new_tokens, stop)
+        check_sampling(temperature, top_k, top_p, max_new_tokens, stop, seed)
         ids = self.encode_prompt(prompt)
         rng = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         stop_ids = set(self.tokenizer.eos_ids)

@@ -10,7 +10,7 @@ from llmkit.errors import LLMKitError
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
-                   stop: Sequence[str] = ()) -> None:  # fmt: skip
+                   stop: Sequence[str] = (), seed: int | None = None) -> None:  # fmt: skip
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise LLMKitError(f"temperature must be 0 (greedy) or a finite number above it, not {temperature}")
     if top_k is not None and top_k < 1:
@@ -19,6 +19,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         raise LLMKitError(f"top-p must be in (0, 1], not {top_p}")
     if max_new_tokens < 1:
         raise LLMKitError(f"max-new-tokens must be at least 1, not {max_new_tokens}")
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator takes
+        raise LLMKitError(f"seed must be a whole number from 0 to 2**64 - 1, not {seed}")
     if any(not s for s in stop):  # an empty string is in every text: it would stop after the first token
         raise LLMKitError("a stop string is empty; give the text to stop at (--stop TEXT)")
 

@@ -330,3 +330,25 @@ def test_chat_refuses_a_message_too_long_for_the_context_and_goes_on(capsys, mon
     assert "[the message is too long: its prompt is" in err and "512-token context" in err
     assert "[that message is not valid UTF-8 text; type it again]" in err
     assert err.count("prompt +") == 1  # "hello" was answered
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"num_attention_heads": 0}, "does not describe a model (ZeroDivisionError"),
+    ({"rms_norm_eps": "x"}, "numbers that must be positive and finite (norm_eps='x')"),
+    ({"rope_theta": -1}, "numbers that must be positive and finite (rope_theta=-1.0)"),
+    ({"num_hidden_layers": 100000}, "its config says 100000 layers but its weights hold 2"),
+])  # fmt: skip
+def test_a_config_whose_numbers_are_wrong_for_its_weights(tmp_path, capsys, tiny_folder, change, says):
+    """Refused before the model is built: 100000 layers took minutes to build on the meta device."""
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "m"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    refused(capsys, "generate", "--checkpoint-path", folder, says=says)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--seed", str(2**70)], "seed must be a whole number from 0 to 2**64 - 1"),
+    (["--threads", "100000"], "--threads must be 1 to"),
+])  # fmt: skip
+def test_numbers_out_of_what_the_machine_takes(capsys, argv, says):
+    refused(capsys, "generate", "--prompt", "The", "--max-new-tokens", "2", *argv, says=says)
