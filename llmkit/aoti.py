@@ -8,6 +8,8 @@ wrote. What a runner needs besides the graph travels as package metadata (`llmki
 """
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -59,6 +61,19 @@ def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
     return write_with_tokenizer(llm, path, lambda tmp: package_aoti(tmp, files))
 
 
+def check_zip(path: Path) -> None:
+    """Refuse a package whose zip is damaged (CRCs checked) before torch loads it: torch checks none, and a damaged
+    shared library inside it crashes the process when it runs."""
+    try:
+        with zipfile.ZipFile(path) as package:
+            damaged = package.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as e:
+        damaged = first_line(e)
+    if damaged is not None:
+        raise LLMKitError(f"{path} is damaged or not an AOTInductor package (bad zip entry: {damaged}); export it "
+                          "again with llmkit export")  # fmt: skip
+
+
 def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     """Load a `.pt2` package as an `LLM` whose step runs the compiled model."""
     path = Path(path)
@@ -66,6 +81,7 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
         raise LLMKitError(f"AOTInductor package not found: {path}")
     from torch._inductor.package import load_package
 
+    check_zip(path)
     try:
         runners = {name: load_package(str(path), name) for name in AOTI_MODELS}
         meta = runners["decode"].get_metadata()

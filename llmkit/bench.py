@@ -241,6 +241,7 @@ def bench(
             "weight_bytes": nbytes, "bytes_read_per_token": read_per_token,
             "peak_memory_bytes": peak_memory(torch_device),
             "achieved_bandwidth": read_per_token * statistics.median(decode), "device_bandwidth": bandwidth,
+            "compile_fallback": llm.compile_fallback,  # not None: "compile" ran eager, for this reason
             **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip
         row["bandwidth_fraction"] = row["achieved_bandwidth"] / bandwidth
@@ -277,6 +278,9 @@ class SpeedCheck:
 def check_speed_order(rows: list[dict], order=SPEED_ORDER) -> list[SpeedCheck]:
     """Each pair of `order` as a ratio of the rows' decode speeds (ratios, not times: they hold on any machine)."""
     speed = {(r["scheme"], r["path"]): r["decode_tokens_per_s"] for r in rows}
+    eager = sorted({(r["scheme"], r["path"]) for r in rows if r.get("compile_fallback")})
+    if eager:
+        raise LLMKitError(f"{eager} could not be compiled and ran eager; their figures are not compiled speeds")
     missing = sorted({key for pair in order for key in pair} - speed.keys())
     if missing:
         raise LLMKitError(f"no measurement for {missing}: bench every scheme and path the check compares")
@@ -305,6 +309,11 @@ def across_runs(rows: list[dict]) -> list[dict]:
     return merged
 
 
+def path_name(row: dict) -> str:
+    """The row's path, and "ran eager" where torch.compile failed: a figure never passes for one it isn't."""
+    return f"{row['path']} (failed, ran eager)" if row.get("compile_fallback") else row["path"]
+
+
 def table(rows: list[dict]) -> str:
     """A Markdown table of the figures that matter."""
     lines = [
@@ -313,7 +322,7 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['source']} | {r['scheme']} | {r['path']} | {r['decode_tokens_per_s']:.1f} "
+            f"| {r['source']} | {r['scheme']} | {path_name(r)} | {r['decode_tokens_per_s']:.1f} "
             f"(± {r['decode_tokens_per_s_stdev']:.1f}) | {r['prefill_tokens_per_s']:.0f} | "
             f"{r['time_to_first_token_s'] * 1000:.1f} | {r['weight_bytes'] / 1e6:.1f} | "
             f"{100 * r['bandwidth_fraction']:.0f}% |"

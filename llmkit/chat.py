@@ -21,6 +21,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmkit.errors import LLMKitError
+from llmkit.files import read_json_object
 from llmkit.generate import LLM, Generation
 from llmkit.gguf import GGUFTokenizer
 from llmkit.tokenizer import Tokenizer, load_tokenizer
@@ -102,10 +103,7 @@ def render(
 
 
 def _tokenizer_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_json_object(folder / "tokenizer_config.json", "tokenizer", optional=True)
 
 
 def _is_token(tokenizer: Tokenizer, text: str) -> bool:
@@ -116,23 +114,36 @@ def template_for(source: Tokenizer | str | Path) -> str:
     """The model's own chat template (a GGUF file's tokenizer.chat_template; chat_template.jinja, or
     tokenizer_config.json's chat_template, beside the tokenizer or in the model folder), else the built-in template
     that its special tokens point to."""
+    return chosen_template(source)[0]
+
+
+def chosen_template(source: Tokenizer | str | Path) -> tuple[str, str]:
+    """`template_for`'s template, and where it comes from in words, to tell the user (a base model has no template
+    of its own, and a built-in one is a guess)."""
     if isinstance(source, GGUFTokenizer) and source.chat_template:
-        return source.chat_template
+        return source.chat_template, f"the chat template in {source.path.name}"
     path = source.path if isinstance(source, Tokenizer) else Path(source)
     folder = path if path.is_dir() else path.parent
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8"), "the model's chat_template.jinja"
+        except (OSError, UnicodeDecodeError) as e:
+            raise LLMKitError(f"cannot read {folder / 'chat_template.jinja'} as UTF-8 text ({e}); fix it") from None
     template = _tokenizer_config(folder).get("chat_template")
     if isinstance(template, list):  # several named templates, e.g. "default" and "tool_use"
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise LLMKitError(f"{folder / 'tokenizer_config.json'}: chat_template is not text; fix it")
     if template:
-        return template
+        return template, "the chat_template in the model's tokenizer_config.json"
     tokenizer = source if isinstance(source, Tokenizer) else load_tokenizer(source)
+    none = "the model has no chat template of its own"
     if _is_token(tokenizer, "<|start_header_id|>"):
-        return LLAMA3_TEMPLATE
+        return LLAMA3_TEMPLATE, f"Llama 3's, built in: {none}, and its tokenizer has Llama 3's header tokens"
     if _is_token(tokenizer, "<|im_start|>"):
-        return CHATML_TEMPLATE
-    return LLAMA2_TEMPLATE
+        return CHATML_TEMPLATE, f"ChatML, built in: {none}, and its tokenizer has <|im_start|>"
+    return LLAMA2_TEMPLATE, f"Llama 2's [INST], built in: {none} (a base model may follow no chat format well)"
 
 
 def special_tokens(tokenizer: Tokenizer) -> tuple[str | None, str | None]:
@@ -199,6 +210,11 @@ def _prompt(
     """Fit the conversation in the context, leaving room for a reply of max_new_tokens (up to a quarter of it)."""
     budget = llm.max_seq_len - min(max_new_tokens, llm.max_seq_len // 4)
     kept, ids = drop_oldest_turns(llm.tokenizer, messages, template or template_for(llm.tokenizer), budget)
+    if len(ids) > budget:  # the last message (with the system prompt) is too long on its own
+        raise LLMKitError(
+            f"the message is too long: its prompt is {len(ids)} tokens, and the {llm.max_seq_len}-token context "
+            f"keeps {llm.max_seq_len - budget} of its tokens for the reply; shorten it"
+        )
     if len(kept) < len(messages):
         on_notice(
             f"[the {len(messages) - len(kept)} oldest messages no longer fit in the {llm.max_seq_len}-token "
@@ -236,16 +252,19 @@ def chat_loop(
 ) -> None:
     """The interactive `llmkit chat`: each reply streams, then its statistics line (on stderr).
     /reset starts the conversation over (the system prompt stays); /quit or the end of input leaves."""
-    template = template or template_for(llm.tokenizer)
+    template, origin = (template, "the template given") if template else chosen_template(llm.tokenizer)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    print(f"chatting with {llm.name}; /reset starts over, /quit leaves", file=sys.stderr)
+    print(f"chatting with {llm.name}; /reset starts over, /quit leaves\n[chat format: {origin}]", file=sys.stderr)
     while True:
         try:
             line = read("> ").strip()
         except EOFError:
             print()
             return
+        except UnicodeDecodeError:  # the terminal sent bytes that are not UTF-8
+            _notice("[that message is not valid UTF-8 text; type it again]")
+            continue
         if line == "/quit":
             return
         if line == "/reset":
@@ -254,7 +273,17 @@ def chat_loop(
             continue
         if not line:
             continue
-        history, ids = _prompt(llm, [*history, {"role": "user", "content": line}], template, max_new_tokens, _notice)
+        try:
+            if not line.isascii():
+                line.encode("utf-8")  # lone surrogates: bytes that were not UTF-8
+            history, ids = _prompt(llm, [*history, {"role": "user", "content": line}], template, max_new_tokens,
+                                   _notice)  # fmt: skip
+        except UnicodeEncodeError:
+            _notice("[that message is not valid UTF-8 text; type it again]")
+            continue
+        except LLMKitError as e:  # the message can't be sent; the conversation so far stays
+            _notice(f"[{e}]")
+            continue
         out = llm.generate(
             ids, max_new_tokens=max_new_tokens, on_text=lambda piece: print(piece, end="", flush=True), **options
         )

@@ -9,6 +9,7 @@ Meta files are permuted once at load time and one forward serves both.
 """
 
 import json
+import pickle
 import shutil
 import struct
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import LLMKitError, first_line
-from llmkit.files import check_output_path, write_folder_atomically
+from llmkit.files import check_output_path, read_json_object, write_folder_atomically
 from llmkit.model import ModelArgs, Transformer
 
 LLAMA2C_HEADER = struct.Struct("7i")
@@ -50,19 +51,6 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def read_json_object(path: Path, what: str) -> dict:
-    """A JSON file that must hold an object (config.json, params.json, an index), or one clear error."""
-    if not path.is_file():
-        raise LLMKitError(f"{path} is missing: a {what} needs it beside its weights")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LLMKitError(f"{path} is not valid JSON ({first_line(e)}); download the checkpoint again") from None
-    if not isinstance(value, dict):
-        raise LLMKitError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not a {what}'s file")
-    return value
-
-
 def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> Transformer:
     """Build a model from any supported checkpoint: a file or a folder."""
     path = Path(path)
@@ -91,6 +79,10 @@ def load_checkpoint(path: str | Path, max_seq_len: int | None = None) -> Transfo
 
 def build_model(args: ModelArgs, state: dict, path: Path) -> Transformer:
     """The model of args holding the weights of state (our names; wq, wk and wv apart), or one clear error."""
+    layers = 1 + max((int(name.split(".")[1]) for name in state if name.startswith("layers.")), default=-1)
+    if layers != args.n_layers:  # before building: a config's typo of 100000 layers would take minutes to build
+        raise LLMKitError(f"{path}: its config says {args.n_layers} layers but its weights hold {layers}; "
+                          "the config or the weights are from another model")  # fmt: skip
     with torch.device("meta"):
         model = Transformer(args)
     try:
@@ -241,7 +233,7 @@ def load_hf(folder: Path, max_seq_len: int | None = None) -> Transformer:
     config = read_json_object(folder / "config.json", "Hugging Face checkpoint")
     try:
         args = args_from_hf_config(config, max_seq_len)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a field missing, wrong or 0
         raise LLMKitError(f"{folder / 'config.json'} does not describe a model ({type(e).__name__}: {e})") from None
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -354,10 +346,7 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise LLMKitError(f"{folder}: params.json but no consolidated.*.pth weights")
-    try:
-        parts = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
-    except Exception as e:  # torch raises several types for a damaged zip
-        raise LLMKitError(f"{folder}: cannot read the .pth weights ({e}); download them again") from None
+    parts = [read_torch_file(s, "download it again", mmap=True) for s in shards]
     state = {}
     for name in parts[0]:
         if name.endswith("rope.freqs"):
@@ -369,7 +358,7 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
             state[name] = torch.cat([p[name] for p in parts], dim=cat_dim)
     try:
         args = args_from_meta(params, state, max_seq_len)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a field missing, wrong or 0
         what = f"{type(e).__name__}: {e}"
         raise LLMKitError(f"{folder / 'params.json'} does not describe these weights ({what})") from None
     n_heads, n_kv_heads = args.n_heads, args.n_kv_heads
@@ -380,6 +369,21 @@ def load_meta(folder: Path, max_seq_len: int | None = None) -> Transformer:
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return build_model(args, state, folder)
+
+
+# What torch.load raises for a damaged, truncated or foreign file (a zip or pickle broken anywhere), measured
+# on random, cut and bit-flipped files; anything else is a bug to see, not a bad download.
+DAMAGED_TORCH_FILE = (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError)
+
+
+def read_torch_file(path: Path, fix: str, mmap: bool = False) -> object:
+    """torch.load of weights only, or one line naming the file and `fix` (what the user should do)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError as e:
+        raise LLMKitError(f"cannot read {path} ({e.strerror or e}); check that it is a readable file") from None
+    except DAMAGED_TORCH_FILE as e:
+        raise LLMKitError(f"{path} is damaged or not a PyTorch file ({first_line(e)}); {fix}") from None
 
 
 def save_meta(model: Transformer, folder: str | Path, force: bool = False) -> Path:

@@ -6,6 +6,7 @@ Every user-fixable problem is an `LLMKitError`: one line on stderr, exit status 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
     draft_path, k = getattr(args, "draft_checkpoint_path", None), getattr(args, "speculate_k", None)
     if k is not None and draft_path is None:
         raise LLMKitError("--speculate-k needs --draft-checkpoint-path (the model that guesses)")
+    check_package_flags(args)
     if getattr(args, "aoti_package_path", None):
         from llmkit.aoti import load_aoti
 
@@ -88,6 +90,23 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
         print("compiling (the first calls take a while)...", file=sys.stderr)
         compile(llm, prefill=args.compile_prefill)
     return llm
+
+
+def check_package_flags(args: argparse.Namespace) -> None:
+    """An exported package was fixed when it was made (weights, scheme, device, context): refuse the flags that
+    would change the model rather than ignore them without a word."""
+    packages = [f"--{n.replace('_', '-')}" for n in ("aoti_package_path", "pte_path") if getattr(args, n, None)]
+    if len(packages) > 1:
+        raise LLMKitError("give --aoti-package-path or --pte-path, not both")
+    defaults = argparse.ArgumentParser()
+    add_model_arguments(defaults)
+    add_run_arguments(defaults)
+    keep = {"tokenizer_path", "threads", "aoti_package_path", "pte_path", "draft_checkpoint_path", "speculate_k"}
+    given = [f"--{n.replace('_', '-')}" for n, v in vars(defaults.parse_args([])).items()
+             if n not in keep and getattr(args, n, v) != v]  # fmt: skip
+    if packages and given:
+        raise LLMKitError(f"{', '.join(given)} can't change the program {packages[0]} runs (it was fixed by llmkit "
+                          "export); leave them out, or export again with them")  # fmt: skip
 
 
 def with_draft(llm: LLM, args: argparse.Namespace) -> LLM:
@@ -407,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # what the user typed, for records such as the model card
     try:
         if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise LLMKitError(f"--threads must be at least 1, not {args.threads}")
+            if not 1 <= args.threads <= 4 * (os.cpu_count() or 1):  # more only starts threads that wait
+                raise LLMKitError(f"--threads must be 1 to {4 * (os.cpu_count() or 1)} here, not {args.threads}")
             import torch
 
             torch.set_num_threads(args.threads)

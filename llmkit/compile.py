@@ -44,14 +44,15 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
 
     The first calls compile; their time is kept in `llm.compile_time` so generation statistics
     show steady-state speed. Where inductor or torchao can't compile the model (MX formats on
-    the CPU, say), this warns in one line and keeps eager. `verify_len` also compiles a static step
-    of that many positions: speculative decoding's verify step, always k + 1 long. A `SpeculativeLLM`
-    has its target compiled with that step and its draft with the one-token step.
+    the CPU, say), this warns in one line, keeps eager and says why in `llm.compile_fallback`. `verify_len`
+    also compiles a static step of that many positions: speculative decoding's verify step, always k + 1
+    long. A `SpeculativeLLM` has its target compiled with that step and its draft with the one-token step.
     """
     if isinstance(llm, SpeculativeLLM):
         compile(llm.target, prefill, verify_len=llm.k + 1)
         compile(llm.draft, prefill)
         llm.step, llm.compile_time = llm.target.step, llm.target.compile_time + llm.draft.compile_time
+        llm.compile_fallback = llm.target.compile_fallback or llm.draft.compile_fallback
         return llm
     model, device = llm.model, llm.device
     options = _options(device)
@@ -80,7 +81,9 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
                 if device.type == "cuda":
                     verify = _record_cuda_graph(verify, tokens, positions)
     except Exception as e:  # inductor and torchao raise many types; eager still works
-        warnings.warn(f"torch.compile can't compile this model here ({first_line(e)}); running eager", stacklevel=2)
+        llm.compile_fallback = first_line(e)  # benchmarks record it: their "compile" figure is eager's
+        warnings.warn(f"torch.compile can't compile this model here ({llm.compile_fallback}); running eager",
+                      stacklevel=2)  # fmt: skip
         return llm  # the failed functions were private copies: nothing else to undo
     llm.compile_time = time.perf_counter() - start
 

@@ -100,7 +100,8 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request (its options checked first); `QueueFull` when the queue already holds max_queue."""
-        check_sampling(request.temperature, request.top_k, request.top_p, request.max_tokens)
+        check_sampling(request.temperature, request.top_k, request.top_p, request.max_tokens, request.stop,
+                       request.seed)
         if not request.prompt_ids or len(request.prompt_ids) >= self.llm.max_seq_len:
             raise LLMKitError(f"the prompt is {len(request.prompt_ids)} tokens; it must be 1 to "
                               f"{self.llm.max_seq_len - 1} (the context is {self.llm.max_seq_len})")  # fmt: skip

@@ -286,16 +286,26 @@ def check_pte(path: str | Path) -> tuple["Program", dict]:
         raise LLMKitError(f"{path} has no {' or '.join(missing)} method: it is not a text LLM program; "
                           "export it with llmkit export --output-pte-path")  # fmt: skip
     meta = {}
-    for name in program.method_names - {"forward"}:
-        values = program.load_method(name).execute([])
-        meta[name] = values if name == "get_eos_ids" else values[0]
+    try:  # the loader checks each method's data as it loads it: a damaged program fails here, or at forward's
+        for name in program.method_names - {"forward"}:
+            values = program.load_method(name).execute([])
+            meta[name] = values if name == "get_eos_ids" else values[0]
+    except RuntimeError as e:
+        raise damaged_pte(path, e) from None
     return program, meta
+
+
+def damaged_pte(path: Path, e: Exception) -> LLMKitError:
+    return LLMKitError(f"{path} is a damaged ExecuTorch program ({first_line(e)}); export it again")
 
 
 def pte_tokenizer(path: Path, meta: dict, tokenizer: str | Path | None) -> tuple[Tokenizer | None, dict | None]:
     """The tokenizer for a program, the one given or the copy beside it, checked against the program; and
     llmkit's metadata (None for a program from elsewhere, such as ExecuTorch's export_llm)."""
-    llmkit_meta = json.loads(bytes(meta["llmkit_metadata"].tolist())) if "llmkit_metadata" in meta else None
+    try:
+        llmkit_meta = json.loads(bytes(meta["llmkit_metadata"].tolist())) if "llmkit_metadata" in meta else None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: bytes damaged inside the program
+        raise damaged_pte(path, e) from None
     if llmkit_meta is not None and meta.get("llmkit_format_version") != PTE_FORMAT_VERSION:
         raise LLMKitError(
             f"{path} was made by another llmkit (program format {meta.get('llmkit_format_version')}, this llmkit "
@@ -322,7 +332,10 @@ def load_pte(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     path = Path(path)
     program, meta = check_pte(path)
     tok, llmkit_meta = pte_tokenizer(path, meta, tokenizer)
-    method = program.load_method("forward")
+    try:
+        method = program.load_method("forward")
+    except RuntimeError as e:
+        raise damaged_pte(path, e) from None
     start_only = tuple(method.metadata.input_tensor_meta(1).sizes()) == (1,)
 
     def step(tokens: Tensor, input_pos: Tensor) -> Tensor:

@@ -1,13 +1,34 @@
-"""Writing what the user asked for without losing what was there: target checks and atomic writes."""
+"""The user's files: JSON configs read with one clear error, target checks, and atomic writes that never lose
+what was there."""
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from llmkit.errors import LLMKitError
+from llmkit.errors import LLMKitError, first_line
+
+
+def read_json_object(path: Path, what: str, optional: bool = False) -> dict:
+    """A JSON file that must hold an object (config.json, params.json, tokenizer_config.json...), or one clear
+    error naming it. An `optional` file that is missing reads as {}; one that is there but broken is an error,
+    not silently ignored (it would change the model's template or special tokens without a word)."""
+    if not path.is_file():
+        if optional:
+            return {}
+        raise LLMKitError(f"{path} is missing: a {what} needs it beside its weights")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise LLMKitError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise LLMKitError(f"{path} is not valid JSON ({first_line(e)}); fix it or download the {what} again") from None
+    if not isinstance(value, dict):
+        raise LLMKitError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not a {what}'s file")
+    return value
 
 
 def check_output_path(path: str | Path, force: bool = False, folder: bool = False) -> Path:

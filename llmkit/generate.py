@@ -93,6 +93,7 @@ class LLM:
         self.max_seq_len: int = max_seq_len or model.args.max_seq_len
         self.device = torch.device(device) if device else model.tok_embeddings.weight.device
         self.compile_time = 0.0  # seconds the first, compiling calls took (llmkit.compile)
+        self.compile_fallback: str | None = None  # why torch.compile failed, so that the step runs eager
         self.scheme: str | None = None  # the quantization scheme applied, as torchchat JSON (llmkit.quantize)
         self.metadata: dict = metadata or {}  # what an exported package or program says of itself
         self.buffers: dict[str, Tensor] = buffers or {}  # tensors the step's compiled code points at: kept alive here
@@ -126,7 +127,7 @@ class LLM:
 
         Stops at an end-of-sequence token, a stop string, `max_new_tokens` or the end of the context.
         """
-        check_sampling(temperature, top_k, top_p, max_new_tokens)
+        check_sampling(temperature, top_k, top_p, max_new_tokens, stop, seed)
         ids = self.encode_prompt(prompt)
         rng = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         stop_ids = set(self.tokenizer.eos_ids)

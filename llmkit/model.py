@@ -39,6 +39,10 @@ class ModelArgs:
                if type(getattr(self, name)) is not int or getattr(self, name) < 1]  # fmt: skip
         if bad:
             raise LLMKitError(f"the model's config has sizes that are not positive integers ({', '.join(bad)})")
+        numbers = {name: getattr(self, name) for name in ("norm_eps", "rope_theta")}
+        bad = [f"{k}={v!r}" for k, v in numbers.items() if not isinstance(v, int | float) or not 0 < v < float("inf")]
+        if bad:
+            raise LLMKitError(f"the model's config has numbers that must be positive and finite ({', '.join(bad)})")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
             raise LLMKitError(
                 f"the model's config does not fit together: dim ({self.dim}) must divide into n_heads "

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from llmkit.checkpoint import read_torch_file
 from llmkit.devices import DTYPES, resolve_device
 from llmkit.errors import LLMKitError, first_line
 from llmkit.files import check_output_path, write_folder_atomically
@@ -182,7 +183,7 @@ def scheme_text(steps: list[SchemeEntry]) -> str:
 # ---- applying --------------------------------------------------------------------------------
 
 
-def _config(step: SchemeEntry, device: torch.device, dtype: torch.dtype, scheme: str):
+def _config(step: SchemeEntry, device: torch.device, dtype: torch.dtype, scheme: str, width: int = 0):
     """The torchao config that runs `step` on `device`; LLMKitError with the alternative where none does."""
     from torchao.quantization import (
         Float8WeightOnlyConfig,
@@ -210,11 +211,11 @@ def _config(step: SchemeEntry, device: torch.device, dtype: torch.dtype, scheme:
         return Float8WeightOnlyConfig()
     if key == "linear:int4":
         groups = CUDA_INT4_GROUPS if cuda else CPU_INT4_GROUPS
-        if g not in groups:
-            fits = max((x for x in groups if x <= g), default=groups[0])
+        if g not in groups:  # g passed the shape check, so 8da4w-g fits; an int4 group must divide `width` too
+            fits = [f"int4wo-{x}" for x in sorted(groups, key=lambda x: abs(x - g)) if width % x == 0][:1]  # nearest
             raise LLMKitError(
                 f"scheme {scheme!r}: int4 group size {g} does not run on {device.type} (its kernel takes "
-                f"{', '.join(map(str, groups))}); use int4wo-{fits}, or 8da4w-{g} for any group size"
+                f"{', '.join(map(str, groups))}); use {' or '.join([*fits, f'8da4w-{g}'])}"
             )
         if cuda:
             if dtype != torch.bfloat16:
@@ -254,22 +255,26 @@ def _block(step: SchemeEntry) -> tuple[int, int]:
     return {"linear:mxfp4": (1, 32), "linear:nvfp4": (16, 16), "linear:int4": (16, g)}.get(step.key, (1, g))
 
 
-def _check_shapes(modules: dict[str, nn.Module], step: SchemeEntry, scheme: str) -> None:
+def _check_shapes(modules: dict[str, nn.Module], step: SchemeEntry, scheme: str) -> int:
+    """Refuse a step whose block doesn't fit every layer, with a scheme that does; return the layers' common
+    input width (their greatest common divisor), which any group size must divide."""
     rows, cols = _block(step)
+    common = math.gcd(*(m.weight.shape[1] for m in modules.values()))
     for name, module in modules.items():
         out_features, in_features = module.weight.shape
         if in_features % cols == 0 and out_features % rows == 0:
             continue
         if rows == 1 and "groupsize" in step.params:
-            common = math.gcd(*(m.weight.shape[1] for m in modules.values()))
             raise LLMKitError(
                 f"scheme {scheme!r}: group size {cols} does not divide the {in_features} input features of {name}; "
                 f"use a group size that divides {common}"
             )
+        fits = min(common & -common, 256)  # the largest power of two (up to 256) that divides every layer's input
         raise LLMKitError(
             f"scheme {scheme!r}: {name} is {out_features}x{in_features} but {step.key} needs multiples of "
-            f"{rows}x{cols}; use int8wo, fp8wo or 8da4w-{cols} for this model"
+            f"{rows}x{cols}; use int8wo, fp8wo or 8da4w-{fits} for this model"
         )
+    return common
 
 
 def _untie(model: Transformer) -> None:
@@ -305,8 +310,8 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
             dtype = DTYPES[step.params["dtype"]]
             continue
         kind = nn.Embedding if step.key == "embedding" else nn.Linear
-        _check_shapes({n: m for n, m in model.named_modules() if isinstance(m, kind)}, step, text)
-        _config(step, target, dtype, text)
+        width = _check_shapes({n: m for n, m in model.named_modules() if isinstance(m, kind)}, step, text)
+        _config(step, target, dtype, text, width)
     old = (llm.device, model.tok_embeddings.weight.dtype)
     model.to(device=target, dtype=dtype)
     for step in steps:
@@ -395,13 +400,13 @@ def load_quantized(path: str | Path, device: str = "cpu") -> LLM:
     file = folder / SAVED_NAME
     if not file.is_file():
         raise LLMKitError(f"{folder} holds no {SAVED_NAME}; give a folder written by llmkit.quantize.save")
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged zip or pickle raises many types
-        raise LLMKitError(f"{file}: cannot read it ({first_line(e)}); save the model again") from None
+    payload = read_torch_file(file, "save the model again")
     if not isinstance(payload, dict) or payload.get("format") != SAVED_FORMAT:
         raise LLMKitError(f"{file} is not an llmkit quantized model ({SAVED_FORMAT}); save it with llmkit.quantize")
-    args, state = ModelArgs(**payload["args"]), payload["state_dict"]
+    try:
+        args, state = ModelArgs(**payload["args"]), dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise LLMKitError(f"{file} is damaged ({type(e).__name__}: {first_line(e)}); save the model again") from None
     with torch.device("meta"):
         model = Transformer(args)
     if set(state) != set(model.state_dict()):

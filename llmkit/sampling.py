@@ -1,20 +1,28 @@
 """Choosing the next token: temperature, top-k and top-p (nucleus) applied to one row of logits."""
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from llmkit.errors import LLMKitError
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise LLMKitError(f"temperature must be 0 (greedy) or more, not {temperature}")
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
+                   stop: Sequence[str] = (), seed: int | None = None) -> None:  # fmt: skip
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise LLMKitError(f"temperature must be 0 (greedy) or a finite number above it, not {temperature}")
     if top_k is not None and top_k < 1:
         raise LLMKitError(f"top-k must be at least 1, not {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise LLMKitError(f"top-p must be in (0, 1], not {top_p}")
     if max_new_tokens < 1:
         raise LLMKitError(f"max-new-tokens must be at least 1, not {max_new_tokens}")
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator takes
+        raise LLMKitError(f"seed must be a whole number from 0 to 2**64 - 1, not {seed}")
+    if any(not s for s in stop):  # an empty string is in every text: it would stop after the first token
+        raise LLMKitError("a stop string is empty; give the text to stop at (--stop TEXT)")
 
 
 def probabilities(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:

@@ -134,7 +134,7 @@ class SpeculativeLLM(LLM):
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         """As `LLM.generate`; the statistics also count the draft's proposed and accepted tokens."""
-        check_sampling(temperature, top_k, top_p, max_new_tokens)
+        check_sampling(temperature, top_k, top_p, max_new_tokens, stop, seed)
         target, draft, k = self.target, self.draft, self.k
         ids = self.encode_prompt(prompt)
         rng = torch.Generator().manual_seed(seed if seed is not None else torch.seed())

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmkit.bench import environment
+from llmkit.bench import environment, path_name
 from llmkit.compile import compile
 from llmkit.data import heldout_text, paragraphs
 from llmkit.devices import resolve_device, sync
@@ -96,6 +96,7 @@ def bench_speculative(
             "target_step_ms": step_ms(target, 1),
             "draft_step_ms": step_ms(draft, 1) if k else None,
             "verify_step_ms": step_ms(target, k + 1) if k else None,
+            "compile_fallback": llm.compile_fallback,  # not None: "compile" ran eager, for this reason
             **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip
         if k:
@@ -126,5 +127,5 @@ def spec_table(rows: list[dict]) -> str:
                    f"{r['verify_step_ms']:.2f} | {r['draft_step_ms']:.2f}")  # fmt: skip
         else:
             how = f"- | 1 | {r['target_step_ms']:.2f} | - | -"
-        lines.append(f"| {r['path']} | {r['k']} | {r['decode_tokens_per_s']:.1f} | {speedup} | {how} |")
+        lines.append(f"| {path_name(r)} | {r['k']} | {r['decode_tokens_per_s']:.1f} | {speedup} | {how} |")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from llmkit.errors import LLMKitError, first_line
+from llmkit.files import write_file_atomically
 
 
 def read_sweep(path: str | Path) -> dict:
@@ -82,7 +83,7 @@ def run_sweep(path: str | Path, results_dir: str | Path = "results") -> Path:
             runs.append({"run": name, "status": "ok"})
         except Exception as e:  # papermill raises its own error for a failed cell, others for a bad kernel
             runs.append({"run": name, "status": "failed", "error": str(e).strip().splitlines()[-1][:200]})
-        (out_dir / "runs.json").write_text(json.dumps(runs, indent=2))
+        write_text(out_dir / "runs.json", json.dumps(runs, indent=2))  # after each run: a record if stopped
     summarize(out_dir, runs)
     return out_dir
 
@@ -104,14 +105,23 @@ def summarize(out_dir: Path, runs: list[dict]) -> None:
     lines += ["", table(rows) if rows else f"No results: {nothing}.", ""]
     if rows:
         ax = roofline(rows, title=f"Sweep {out_dir.name}")
-        ax.figure.savefig(out_dir / "roofline.png", dpi=120, bbox_inches="tight")
+        save_figure(ax.figure, out_dir / "roofline.png")
         plt.close(ax.figure)
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
         labels = [f"{r['source']} {r['scheme']}/{r['path']}" for r in rows]
         ax.barh(labels, [r["decode_tokens_per_s"] for r in rows],
                 xerr=[r["decode_tokens_per_s_stdev"] for r in rows])  # fmt: skip
         ax.set(xlabel="decode tokens/s", title=f"Sweep {out_dir.name}")
-        fig.savefig(out_dir / "decode.png", dpi=120, bbox_inches="tight")
+        save_figure(fig, out_dir / "decode.png")
         plt.close(fig)
         lines += ["![roofline](roofline.png)", "", "![decode tokens/s](decode.png)"]
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole: a sweep stopped midway leaves the last complete file, never half of one."""
+    write_file_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_figure(fig, path: Path) -> None:
+    write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))

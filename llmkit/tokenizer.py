@@ -13,7 +13,6 @@ from __future__ import annotations
 import abc
 import base64
 import heapq
-import json
 import re
 import struct
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import tiktoken
 import tokenizers
 
 from llmkit.errors import LLMKitError
+from llmkit.files import read_json_object
 
 
 class Tokenizer(abc.ABC):
@@ -220,14 +220,6 @@ class SentencePieceTokenizer(Tokenizer):
 # Hugging Face tokenizer.json
 
 
-def _read_json(path: Path) -> dict:
-    """A config file beside tokenizer.json, or {} when it is missing or unreadable (they are optional)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def _as_list(value: int | list[int] | None) -> list[int]:
     return [] if value is None else list(value) if isinstance(value, list) else [value]
 
@@ -269,9 +261,9 @@ class HuggingFaceTokenizer(Tokenizer):
         self.bos_id, self.eos_ids = self._special_ids(path.parent)
 
     def _special_ids(self, folder: Path) -> tuple[int | None, list[int]]:
-        tokenizer_config = _read_json(folder / "tokenizer_config.json")
-        config = _read_json(folder / "config.json")
-        generation_config = _read_json(folder / "generation_config.json")
+        configs = [read_json_object(folder / name, "tokenizer", optional=True)
+                   for name in ("tokenizer_config.json", "config.json", "generation_config.json")]  # fmt: skip
+        tokenizer_config, config, generation_config = configs
         if "bos_token" in tokenizer_config:
             bos = self._token_id(tokenizer_config["bos_token"])
         else:

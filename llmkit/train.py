@@ -16,6 +16,7 @@ import io
 import json
 import math
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from llmkit import data
 from llmkit.checkpoint import write_hf
 from llmkit.errors import LLMKitError
 from llmkit.evaluate import score_ids, unigram_perplexity_of_ids
-from llmkit.files import write_folder_atomically
+from llmkit.files import write_file_atomically, write_folder_atomically
 from llmkit.model import ModelArgs, Transformer
 from llmkit.tokenizer import load_tokenizer
 
@@ -78,8 +79,7 @@ def train_tokenizer(text: str, path: Path, vocab_size: int = 4096) -> Path:
         input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 16,
         num_threads=1, minloglevel=2,
     )  # fmt: skip
-    path.write_bytes(model.getvalue())
-    return path
+    return write_file_atomically(path, lambda tmp: Path(tmp).write_bytes(model.getvalue()))
 
 
 def prepare_corpus(work: Path, vocab_size: int = 4096, tokenizer_path: Path | None = None) -> dict:
@@ -95,12 +95,13 @@ def prepare_corpus(work: Path, vocab_size: int = 4096, tokenizer_path: Path | No
     else:  # loaded first, so a missing or broken file is a one-line error
         if load_tokenizer(tokenizer_path).kind != "sentencepiece":
             raise LLMKitError(f"{tokenizer_path} is not a SentencePiece model; the kit's models ship tokenizer.model")
-        (work / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+        if Path(tokenizer_path).resolve() != (work / "tokenizer.model").resolve():
+            write_file_atomically(work / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
         tokenizer = load_tokenizer(work / "tokenizer.model")
     train_ids = data.encode(data.join(train_docs), tokenizer)
     heldout_ids = data.encode(data.join(heldout_docs), tokenizer)
-    np.save(work / "train.npy", train_ids)
-    np.save(work / "heldout.npy", heldout_ids)
+    for name, ids in (("train.npy", train_ids), ("heldout.npy", heldout_ids)):
+        write_file_atomically(work / name, lambda tmp, ids=ids: np.save(tmp, ids))
     stats = {
         "python": platform.python_version(),
         "vocab_size": tokenizer.vocab_size,
@@ -110,7 +111,7 @@ def prepare_corpus(work: Path, vocab_size: int = 4096, tokenizer_path: Path | No
         "bos_id": tokenizer.bos_id,
         "eos_ids": list(tokenizer.eos_ids),
     }
-    (work / "corpus.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_file_atomically(work / "corpus.json", lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=2) + "\n"))
     return stats
 
 

@@ -144,3 +144,21 @@ def tiny_folder(tmp_path_factory) -> Path:
 
     save_hf(tiny_model(), tmp / "model", tokenizer_path=train_sentencepiece(tmp))
     return tmp / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_pt2(tiny_folder, tmp_path_factory) -> Path:
+    """`tiny_folder`'s model exported as an AOTInductor package (with its tokenizer beside it). Read, never changed."""
+    import llmkit
+    from llmkit.aoti import export_aoti
+
+    return export_aoti(llmkit.load(tiny_folder), tmp_path_factory.mktemp("pt2") / "tiny.pt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_pte(tiny_folder, tmp_path_factory) -> Path:
+    """`tiny_folder`'s model exported as an ExecuTorch program (with its tokenizer beside it). Read, never changed."""
+    import llmkit
+    from llmkit.executorch import export_pte
+
+    return export_pte(llmkit.load(tiny_folder), tmp_path_factory.mktemp("pte") / "tiny.pte")

@@ -1,6 +1,7 @@
 """Bad input on the command line, class by class: exit status 2, one line on stderr naming the problem and the
 fix, no traceback, and nothing the user had changed or left behind."""
 
+import io
 import json
 import os
 import shutil
@@ -235,3 +236,119 @@ def test_a_pte_whose_identifier_is_not_text_is_refused_not_a_crash(tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("llmkit: error: ") and "file identifier" in done.stderr
+
+
+# ---- files a loader reads beside the weights, and torch files -----------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("{broken", "tokenizer_config.json is not valid JSON"),
+    ('["a list"]', "tokenizer_config.json holds a JSON list"),
+    ('{"chat_template": 7}', "chat_template is not text"),
+])  # fmt: skip
+def test_a_corrupt_tokenizer_config_is_one_line_not_a_silent_change(tmp_path, capsys, monkeypatch, tiny_folder,
+                                                                      text, says):  # fmt: skip
+    """It holds the chat template and the special tokens: ignoring it would change both without a word."""
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "m"))
+    (folder / "tokenizer_config.json").write_text(text)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/quit\n"))
+    refused(capsys, "chat", "--checkpoint-path", folder, says=says)
+
+
+def test_a_corrupt_config_beside_a_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from llmkit.tokenizer import load_tokenizer
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_bytes(b'{"eos_token_id": \xff}')
+    with pytest.raises(LLMKitError, match="generation_config.json is not valid JSON"):
+        load_tokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 not a zip", b"\x80\x02}q\x00X\x01"])
+def test_a_damaged_pth_names_the_file(tmp_path, capsys, tiny_folder, damage):
+    from llmkit.checkpoint import save_meta
+    from llmkit.loading import load
+
+    folder = save_meta(load(tiny_folder).model, tmp_path / "meta")
+    (folder / "consolidated.00.pth").write_bytes(damage)
+    refused(capsys, "generate", "--checkpoint-path", folder, "--tokenizer-path", tiny_folder / "tokenizer.model",
+            says="consolidated.00.pth is damaged or not a PyTorch file")  # fmt: skip
+
+
+# ---- sampling options and messages ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--stop", ""], "a stop string is empty"),
+    (["--stop", "x", "--stop", ""], "a stop string is empty"),
+    (["--temperature", "nan"], "temperature must be 0 (greedy) or a finite number"),
+    (["--temperature", "inf"], "temperature must be 0 (greedy) or a finite number"),
+])  # fmt: skip
+def test_sampling_options_that_mean_nothing(capsys, argv, says):
+    refused(capsys, "generate", "--prompt", "The", "--max-new-tokens", "4", *argv, says=says)
+
+
+@pytest.mark.parametrize("run", [["--pte-path", "m.pte"], ["--aoti-package-path", "m.pt2"]])
+@pytest.mark.parametrize("flags", [["--quantize", "int8wo"], ["--device", "cuda"], ["--compile"],
+                                   ["--max-seq-len", "64"], ["--checkpoint-path", "other"]])  # fmt: skip
+def test_flags_an_exported_program_cannot_honour_are_refused_not_ignored(capsys, run, flags):
+    refused(capsys, "generate", *run, *flags, says=f"{flags[0]} can't change the program {run[0]} runs")
+
+
+def test_the_quantize_hints_name_schemes_that_run(capsys, shared_data):
+    """Each scheme a refusal suggests for the model quantizes it (llama2.c's 260K model: 172 hidden features)."""
+    import re
+
+    import llmkit
+    from llmkit.quantize import quantize
+
+    stories = shared_data / "stories260K"
+    load = lambda: llmkit.load(stories / "stories260K.bin", tokenizer=stories / "tok512.bin")  # noqa: E731
+    for scheme in ("int4wo-32", "mxfp4", "nvfp4", "8da4w-32", "int4wo-16"):
+        with pytest.raises(LLMKitError) as refusal:
+            quantize(load(), scheme)
+        hints = re.findall(r"\b(?:int8wo|fp8wo|8da4w-\d+|int4wo-\d+)\b", str(refusal.value).split("; use ")[-1])
+        assert hints or "divides 4" in str(refusal.value), refusal.value
+        for hint in hints:
+            quantize(load(), hint)  # runs
+
+
+# ---- chat ---------------------------------------------------------------------------------------------------
+
+
+def test_chat_refuses_a_message_too_long_for_the_context_and_goes_on(capsys, monkeypatch):
+    """A message too long for the context (the default model's is 512 tokens), then one that is not UTF-8: each
+    is refused in a line and the session goes on to answer the next one. The chat format in use is named."""
+    not_utf8 = b"caf\xe9".decode("utf-8", "surrogateescape")
+    monkeypatch.setattr("sys.stdin", io.StringIO("word " * 2000 + "\n" + not_utf8 + "\nhello\n/quit\n"))
+    status = main(["chat", "--max-new-tokens", "4", "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert status == 0 and "Traceback" not in err, err
+    assert "[chat format: Llama 2's [INST], built in: the model has no chat template of its own" in err
+    assert "[the message is too long: its prompt is" in err and "512-token context" in err
+    assert "[that message is not valid UTF-8 text; type it again]" in err
+    assert err.count("prompt +") == 1  # "hello" was answered
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"num_attention_heads": 0}, "does not describe a model (ZeroDivisionError"),
+    ({"rms_norm_eps": "x"}, "numbers that must be positive and finite (norm_eps='x')"),
+    ({"rope_theta": -1}, "numbers that must be positive and finite (rope_theta=-1.0)"),
+    ({"num_hidden_layers": 100000}, "its config says 100000 layers but its weights hold 2"),
+])  # fmt: skip
+def test_a_config_whose_numbers_are_wrong_for_its_weights(tmp_path, capsys, tiny_folder, change, says):
+    """Refused before the model is built: 100000 layers took minutes to build on the meta device."""
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "m"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    refused(capsys, "generate", "--checkpoint-path", folder, says=says)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--seed", str(2**70)], "seed must be a whole number from 0 to 2**64 - 1"),
+    (["--threads", "100000"], "--threads must be 1 to"),
+])  # fmt: skip
+def test_numbers_out_of_what_the_machine_takes(capsys, argv, says):
+    refused(capsys, "generate", "--prompt", "The", "--max-new-tokens", "2", *argv, says=says)

@@ -5,7 +5,7 @@ import shlex
 import pytest
 import torch
 
-from llmkit.bench import SPEED_ORDER, bench, check_speed_order
+from llmkit.bench import SPEED_ORDER, bench, check_speed_order, table
 from llmkit.cli import build_parser
 from llmkit.errors import LLMKitError
 
@@ -42,3 +42,23 @@ def test_a_speed_check_without_its_measurement_says_what_is_missing():
     with pytest.raises(LLMKitError, match="int8wo"):
         check_speed_order(rows({("none", "eager"): 1.0, ("none", "compile"): 2.0}),
                           order=((("int8wo", "compile"), ("none", "compile")),))  # fmt: skip
+
+
+def test_a_compile_that_fell_back_to_eager_is_recorded_not_passed_off_as_compiled(tmp_path, monkeypatch):
+    """Where torch.compile fails, llmkit.compile runs eager: the row says so, the table marks it, and the speed
+    checks refuse to compare it as a compiled figure."""
+
+    def compile_that_fails(fn, **options):
+        def compiled(*args):
+            raise RuntimeError("inductor can't lower this\nsecond line")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    with pytest.warns(UserWarning, match="running eager"):
+        (row,) = bench("default", ["none"], ["compile"], prompt_len=4, new_tokens=4, repeats=1, workdir=tmp_path)
+    assert row["path"] == "compile" and row["compile_fallback"] == "inductor can't lower this"
+    assert "| compile (failed, ran eager) |" in table([row])
+    with pytest.raises(LLMKitError, match="could not be compiled and ran eager"):
+        check_speed_order([row, {**row, "path": "eager", "compile_fallback": None}],
+                          order=((("none", "compile"), ("none", "eager")),))  # fmt: skip

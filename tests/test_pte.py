@@ -60,8 +60,8 @@ def quantize_8da4w(llm):
 
 
 @pytest.fixture(scope="module")
-def fp32_pte(tiny, tmp_path_factory):
-    return export_pte(load(tiny), tmp_path_factory.mktemp("pte") / "tiny.pte")
+def fp32_pte(tiny_pte):
+    return tiny_pte
 
 
 @pytest.fixture(scope="module")
