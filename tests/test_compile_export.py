@@ -271,7 +271,7 @@ def test_export_bad_input(tiny, package, tmp_path, make_model):
         load_aoti(lonely)
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a zip")
-    with pytest.raises(LLMKitError, match="not a loadable llmkit AOTInductor package"):
+    with pytest.raises(LLMKitError, match="damaged or not an AOTInductor package"):
         load_aoti(junk)
     older = tmp_path / "one_model.pt2"  # llmkit's format 1: a single dynamic-length model (of one small layer)
     small = LLM(make_model(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=32, max_seq_len=8)), None)
