@@ -9,9 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from llmkit import hub
+from llmkit import distributed, hub
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM
+from llmkit.model import SHAPES
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     p.add_argument("--quantize", default=None, metavar="SCHEME",
                    help="a preset (int8wo, int4wo-32, 8da4w-256, mobile...), torchchat JSON or JSON file")  # fmt: skip
+    add_tp_argument(p)
+
+
+def add_tp_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: split the model over N processes (GPUs)")
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -56,7 +62,12 @@ def load_from_args(args: argparse.Namespace) -> LLM:
         from llmkit.quantize import parse_scheme
 
         parse_scheme(args.quantize)  # a malformed scheme fails before the model loads
+    if args.tp > 1:  # before loading: on a GPU, each rank loads onto its own
+        distributed.init(args.tp, args.device)
+        args.seed = distributed.shared_seed(getattr(args, "seed", None))  # every rank must sample the same tokens
     llm = load(checkpoint, tokenizer, args.device, args.dtype, args.max_seq_len)
+    if args.tp > 1:
+        distributed.tensor_parallel(llm, args.tp)
     if args.model:
         llm.name = args.model  # a Hub snapshot folder is named by its commit hash
     if args.quantize:
@@ -98,6 +109,22 @@ def with_draft(llm: LLM, args: argparse.Namespace) -> LLM:
     k = 4 if args.speculate_k is None else args.speculate_k
     check_k(k)  # before the draft loads
     return speculate(llm, load_draft(args.draft_checkpoint_path, llm, args.device, args.dtype, args.max_seq_len), k)
+
+
+def check_tp(args: argparse.Namespace) -> None:
+    """What --tp cannot do, said before the processes start; the ranks check the split of what this can't read."""
+    if args.command in ("serve", "export"):
+        raise LLMKitError(f"--tp is not supported by {args.command} yet; run it on one device")
+    if getattr(args, "quantize", None):
+        raise LLMKitError(distributed.QUANTIZE_LIMITATION)
+    for flag in ("draft_checkpoint_path", "aoti_package_path", "pte_path"):
+        if getattr(args, flag, None):
+            raise LLMKitError(f"--tp does not work with --{flag.replace('_', '-')} yet; leave one of them out")
+    distributed.check_devices(args.tp, args.device)
+    if getattr(args, "shape", None) in SHAPES:
+        distributed.check_split(SHAPES[args.shape], args.tp)
+    elif not getattr(args, "model", None) and (model_args := distributed.header_args(args.checkpoint_path or "")):
+        distributed.check_split(model_args, args.tp)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -161,8 +188,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.checkpoint_path not in (None, "default") and not Path(args.checkpoint_path).exists():
         raise LLMKitError(f"checkpoint not found: {args.checkpoint_path}; give an existing file or folder, or "
                           "--shape NAME for random weights of a known shape")  # fmt: skip
-    rows = bench(args.checkpoint_path or args.shape, args.quantize or ["none"], args.path or ["eager"],
-                 args.device, args.dtype, args.prompt_len, args.new_tokens, args.repeats, args.out)  # fmt: skip
+    rows = bench(args.checkpoint_path or args.shape, args.quantize or ["none"], args.path or ["eager"], args.device,
+                 args.dtype, args.prompt_len, args.new_tokens, args.repeats, args.out, tp=args.tp)  # fmt: skip
     print(table(rows))
     if args.out:
         print(f"appended {len(rows)} results to {args.out}")
@@ -198,8 +225,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> None:
     from llmkit.chat import chat_loop
 
-    chat_loop(llm_from_args(args), args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
+    read = distributed.read_line if args.tp > 1 else input
+    chat_loop(llm_from_args(args), args.system, read=read, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -335,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculate-k", type=int, nargs="+", default=None, help="with a draft: the k values to measure")
     p.add_argument("--temperature", type=float, default=0.0, help="with a draft: sampling temperature (0: greedy)")
     add_threads_argument(p)
+    add_tp_argument(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sweep", help="run a notebook with papermill over a grid of parameters")
@@ -403,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if getattr(args, "tp", 1) > 1 and not distributed.in_group():
+            check_tp(args)  # before any process starts
+            return distributed.launch([sys.executable, "-m", "llmkit", *argv], args.tp)
         return args.func(args) or 0
     except LLMKitError as e:
         print(f"llmkit: error: {e}", file=sys.stderr)

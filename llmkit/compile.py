@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from llmkit.cpu_codegen import short_loads_in_one_instruction
+from llmkit.distributed import split_over_devices
 from llmkit.errors import first_line
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
@@ -59,8 +60,8 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
         # the tuner times a kernel that writes into its input together with a copy of that input,
         # which hides the differences between configurations: fresh output buffers
         options["inplace_buffers"] = False
-    else:  # inductor's C++ path without Python between kernels
-        options["cpp_wrapper"] = True
+    elif not split_over_devices(model):  # inductor's C++ path without Python between kernels
+        options["cpp_wrapper"] = True  # (its wrapper cannot call a collective's custom op: "arg type Any")
     decode_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, options=options)
     prefill_fn = torch.compile(own_copy(prefill_prompt), fullgraph=True, dynamic=True, options=options)
     start = time.perf_counter()

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from llmkit.devices import DTYPES, resolve_device
+from llmkit.distributed import QUANTIZE_LIMITATION, split_over_devices
 from llmkit.errors import LLMKitError, first_line
 from llmkit.files import check_output_path, write_folder_atomically
 from llmkit.generate import LLM
@@ -296,6 +297,8 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
         raise LLMKitError(f"{llm.name} has no eager model to quantize (it was exported); load the checkpoint")
     if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
         raise LLMKitError(f"{llm.name} is already quantized ({llm.scheme}); load the float model and quantize that")
+    if split_over_devices(llm.model):  # torchao would quantize each rank's part as if it were the whole weight
+        raise LLMKitError(QUANTIZE_LIMITATION)
     steps = parse_scheme(scheme)
     text = str(scheme)
     target = resolve_device(device) if device is not None else llm.device
