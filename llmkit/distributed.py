@@ -96,6 +96,11 @@ def header_args(checkpoint: str | Path) -> ModelArgs | None:
 
 
 _MESH: DeviceMesh | None = None
+# Each layer's split. Colwise: the output features (the weight's rows) split, nothing to add up. Rowwise: the input
+# features (its columns) split, each rank's product a partial sum that is all-reduced.
+LAYER_PLAN = {"attention.wqkv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+              "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+              "feed_forward.w2": RowwiseParallel()}  # fmt: skip
 
 
 def init(tp: int, device: str = "cpu", timeout_s: float = TIMEOUT_S) -> DeviceMesh:
@@ -142,12 +147,9 @@ def tensor_parallel(llm: LLM, tp: int) -> LLM:
         raise LLMKitError(QUANTIZE_LIMITATION)
     check_split(model.args, tp)
     mesh = init(tp, llm.device.type)
-    plan = {"attention.wqkv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
-            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel()}  # fmt: skip
     for layer in model.layers:
         group_heads_by_rank(layer.attention, tp)
-        parallelize_module(layer, mesh, plan, src_data_rank=None)  # every rank has the weights: each keeps its part
+        parallelize_module(layer, mesh, LAYER_PLAN, src_data_rank=None)  # every rank has the weights: keeps its part
         layer.attention.n_heads //= tp
         layer.attention.n_kv_heads //= tp
         layer.attention.qkv_sizes = [size // tp for size in layer.attention.qkv_sizes]

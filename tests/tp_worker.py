@@ -3,17 +3,17 @@ for the one-process reference): greedy decoding of a fixed prompt, whose tokens 
 
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
 import llmkit
 from llmkit import distributed
 from llmkit.generate import LLM
-from llmkit.model import ModelArgs, random_model
 
-# grouped-query (4 query heads, 2 key/value heads), untied output layer and q/k/v biases: every part of the split
-GQA = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=128, max_seq_len=64,
-                qkv_bias=True)  # fmt: skip
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_model  # noqa: E402
+
 PROMPT = [1, 17, 42, 5, 63, 8, 23]
 NEW_TOKENS = 12
 
@@ -21,7 +21,9 @@ NEW_TOKENS = 12
 def build(name: str) -> LLM:
     if name == "default":
         return llmkit.load("default", max_seq_len=64)
-    return LLM(random_model(GQA, std=0.1), None, name="gqa")
+    # grouped-query (4 query heads, 2 key/value heads) with an untied output layer and q/k/v biases: every part of
+    # the split (the default model ties its output layer to the embedding and has no biases)
+    return LLM(tiny_model(qkv_bias=True), None, name="gqa")
 
 
 @torch.inference_mode()
