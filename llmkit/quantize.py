@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from llmkit.devices import DTYPES, resolve_device
@@ -338,8 +339,11 @@ def quantize_like_export_llm(llm: LLM, group_size: int) -> LLM:
 
 
 def _storages(t: Tensor) -> Iterator[torch.UntypedStorage]:
-    """The storages that hold a tensor's data: its own, or a torchao tensor's inner tensors', recursively."""
-    if is_traceable_wrapper_subclass(t):
+    """The storages that hold a tensor's data: its own, or a torchao tensor's inner tensors', recursively; of a
+    weight split over devices (a DTensor), this rank's part."""
+    if isinstance(t, DTensor):
+        yield from _storages(t.to_local())
+    elif is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         for name in names:
             yield from _storages(getattr(t, name))
