@@ -296,10 +296,10 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
     model = llm.model
     if model is None:
         raise LLMKitError(f"{llm.name} has no eager model to quantize (it was exported); load the checkpoint")
-    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
-        raise LLMKitError(f"{llm.name} is already quantized ({llm.scheme}); load the float model and quantize that")
-    if split_over_devices(llm.model):  # torchao would quantize each rank's part as if it were the whole weight
+    if split_over_devices(model):  # torchao would quantize each rank's part as if it were the whole weight
         raise LLMKitError(QUANTIZE_LIMITATION)
+    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):  # (a DTensor is one too: checked first)
+        raise LLMKitError(f"{llm.name} is already quantized ({llm.scheme}); load the float model and quantize that")
     steps = parse_scheme(scheme)
     text = str(scheme)
     target = resolve_device(device) if device is not None else llm.device

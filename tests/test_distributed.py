@@ -40,6 +40,11 @@ def test_two_ranks_decode_what_one_process_decodes(two_ranks, run, tmp_path):
     assert (split_logits - logits).abs().max() < 1e-5
 
 
+def test_a_split_model_is_not_quantized(two_ranks):
+    assert "torchao 0.18's quantized weights do not compose with DTensor" in two_ranks["quantize"]
+    assert "pytorch/ao#988" in two_ranks["quantize"]
+
+
 def llmkit_run(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmkit", *argv], capture_output=True, text=True, timeout=timeout)
 

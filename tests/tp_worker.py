@@ -46,6 +46,11 @@ def main(out: str, tp: int, runs: list[str]) -> None:
         llm = build(name)
         if tp > 1:
             distributed.tensor_parallel(llm, tp)
+            try:  # torchao would quantize each rank's part as if it were the whole weight: refused
+                llmkit.quantize(llm, "int8wo")
+                results["quantize"] = "quantized a split model"
+            except llmkit.LLMKitError as e:
+                results["quantize"] = str(e)
         if compiled:
             with warnings.catch_warnings():
                 # a fall-back to eager must fail the check, not pass it
