@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from llmkit import distributed
 from llmkit.aoti import export_aoti, load_aoti
 from llmkit.compile import compile
 from llmkit.devices import dtype_name, resolve_device, resolve_dtype, sync
@@ -144,17 +145,21 @@ def source_commit() -> str | None:
 
 
 def command(source: str, scheme: str, path: str, device: str, dtype: str, prompt_len: int, new_tokens: int,
-            repeats: int) -> str:  # fmt: skip
+            repeats: int, tp: int = 1) -> str:  # fmt: skip
     """The command line that measures this one row again."""
     where = f"--shape {source}" if is_shape(source) else f"--checkpoint-path {shlex.quote(source)}"
     threads = f" --threads {torch.get_num_threads()}" if device == "cpu" else ""
     return (f"llmkit bench {where} --quantize {scheme} --path {path} --device {device} --dtype {dtype} "
-            f"--prompt-len {prompt_len} --new-tokens {new_tokens} --repeats {repeats}{threads}")  # fmt: skip
+            f"--prompt-len {prompt_len} --new-tokens {new_tokens} --repeats {repeats}{threads}"
+            f"{f' --tp {tp}' if tp > 1 else ''}")  # fmt: skip
 
 
-def on_path(model: Transformer, tokenizer, scheme: str, path: str, workdir: Path) -> LLM:
-    """An LLM on the requested path (eager, compiled, or exported and loaded back), quantized with the scheme first."""
+def on_path(model: Transformer, tokenizer, scheme: str, path: str, workdir: Path, tp: int = 1) -> LLM:
+    """An LLM on the requested path (eager, compiled, or exported and loaded back), quantized with the scheme first,
+    split over the `tp` ranks of this process's group first where tp > 1."""
     llm = LLM(model, tokenizer, name="bench")
+    if tp > 1:
+        distributed.tensor_parallel(llm, tp)
     if scheme not in ("none", GGUF_SCHEME):  # a GGUF file's blocks were kept as it loaded
         quantize(llm, scheme)
     if path == "compile":
@@ -193,9 +198,19 @@ def bench(
     repeats: int = 3,
     out: str | Path | None = None,
     workdir: str | Path = "results/artifacts",
+    tp: int = 1,
 ) -> list[dict]:
-    """Measure every (scheme, path) on `source`, a shape name or a checkpoint; append JSON lines to `out`."""
+    """Measure every (scheme, path) on `source`, a shape name or a checkpoint; append JSON lines to `out`.
+
+    With `tp` > 1 this process is one rank of a group of `tp` (`llmkit.distributed`): each rank holds its split of
+    the model, rows also carry the time of one all-reduce of a token's activation, and rank 0 alone appends.
+    """
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    if tp > 1:  # before the models are built: on a GPU, each rank builds on its own
+        if set(schemes) != {"none"} or not set(paths) <= {"eager", "compile"}:
+            raise LLMKitError("--tp measures unquantized models (--quantize none) on --path eager or compile")
+        distributed.init(tp, device)
+        torch_device = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch_device
     if not schemes or not paths:
         raise LLMKitError("nothing to measure: give at least one scheme and one path")
     for p in paths:
@@ -224,14 +239,14 @@ def bench(
         model, tokenizer = build_model(source, torch_device, torch_dtype, max_seq_len, scheme)
         if torch_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        llm = on_path(model, tokenizer, scheme, path, workdir)
+        llm = on_path(model, tokenizer, scheme, path, workdir, tp)
         nbytes = model_size(model)
         read_per_token = bytes_read_per_token(model, nbytes)
         time_generation(llm, min(prompt_len, 8), min(new_tokens, 8))  # warm-up: compiled kernels, CUDA graphs
         timings = [time_generation(llm, prompt_len, new_tokens) for _ in range(repeats)]
         decode = [t.decode_tokens_per_s for t in timings]
         row = {
-            "command": command(source, scheme, path, torch_device.type, dtype, prompt_len, new_tokens, repeats),
+            "command": command(source, scheme, path, torch_device.type, dtype, prompt_len, new_tokens, repeats, tp),
             "source": source, "scheme": scheme, "path": path, "device": torch_device.type, "dtype": dtype,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "decode_tokens_per_s": statistics.median(decode),
@@ -245,8 +260,12 @@ def bench(
             **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip
         row["bandwidth_fraction"] = row["achieved_bandwidth"] / bandwidth
+        if tp > 1:  # a decode step does two per layer
+            row["tp"] = tp
+            row["all_reduce_s"] = distributed.all_reduce_time(model.args.dim, torch_dtype, torch_device)
+            row["all_reduce_s_per_step"] = 2 * model.args.n_layers * row["all_reduce_s"]
         rows.append(row)
-        if out:
+        if out and distributed.rank() == 0:
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
         del llm, model

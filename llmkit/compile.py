@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from llmkit.cpu_codegen import short_loads_in_one_instruction
+from llmkit.distributed import split_over_devices
 from llmkit.errors import first_line
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
@@ -55,7 +56,7 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
         llm.compile_fallback = llm.target.compile_fallback or llm.draft.compile_fallback
         return llm
     model, device = llm.model, llm.device
-    options = _options(device)
+    options = _options(model, device)
     decode_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, options=options)
     prefill_fn = torch.compile(own_copy(prefill_prompt), fullgraph=True, dynamic=True, options=options)
     start = time.perf_counter()
@@ -116,7 +117,8 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
     with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
         for size in tqdm(sizes, desc="compiling the decode step", unit="batch size"):
             # a function of its own per size: dynamo's limit of 8 graphs per function would end in eager
-            fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=_options(device))
+            options = _options(model, device)
+            fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=options)
             tokens = torch.zeros(size, 1, dtype=torch.long, device=device)
             positions = torch.zeros(size, 1, dtype=torch.long, device=device)
             for _ in range(2):  # compile and tune, then run once more
@@ -136,15 +138,15 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
     return decode
 
 
-def _options(device: torch.device) -> dict:
+def _options(model: Transformer, device: torch.device) -> dict:
     options = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()}
     if device.type == "cuda":  # coordinate descent tuning: one-row matmuls as reductions at memory bandwidth
         options["coordinate_descent_tuning"] = True
         # the tuner times a kernel that writes into its input together with a copy of that input,
         # which hides the differences between configurations: fresh output buffers
         options["inplace_buffers"] = False
-    else:  # inductor's C++ path without Python between kernels
-        options["cpp_wrapper"] = True
+    elif not split_over_devices(model):  # inductor's C++ path without Python between kernels
+        options["cpp_wrapper"] = True  # (its wrapper cannot call a collective's custom op: "arg type Any")
     return options
 
 

@@ -107,11 +107,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position so far, in preallocated [B, H_kv, max_seq_len, D] buffers."""
+    """Keys and values of every position so far, in preallocated [B, H_kv, max_seq_len, D] buffers.
 
-    def __init__(self, args: ModelArgs, max_batch_size: int = 1, dtype: torch.dtype = torch.float32):
+    `n_kv_heads` is the model's unless given: an attention split over devices caches only its own heads.
+    """
+
+    def __init__(self, args: ModelArgs, max_batch_size: int = 1, dtype: torch.dtype = torch.float32,
+                 n_kv_heads: int | None = None):  # fmt: skip
         super().__init__()
-        shape = (max_batch_size, args.n_kv_heads, args.max_seq_len, args.head_dim)
+        shape = (max_batch_size, n_kv_heads or args.n_kv_heads, args.max_seq_len, args.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
@@ -246,7 +250,7 @@ class Transformer(nn.Module):
         causal = torch.tril(torch.ones(args.max_seq_len, args.max_seq_len, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(args, max_batch_size, dtype).to(device)
+            layer.attention.kv_cache = KVCache(args, max_batch_size, dtype, layer.attention.n_kv_heads).to(device)
 
 
 # Architectures of well-known models, to measure speed with random weights and no download.

@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from llmkit.checkpoint import read_torch_file
 from llmkit.devices import DTYPES, resolve_device
+from llmkit.distributed import QUANTIZE_LIMITATION, split_over_devices
 from llmkit.errors import LLMKitError, first_line
 from llmkit.files import check_output_path, write_folder_atomically
 from llmkit.generate import LLM
@@ -299,7 +301,9 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
     model = llm.model
     if model is None:
         raise LLMKitError(f"{llm.name} has no eager model to quantize (it was exported); load the checkpoint")
-    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
+    if split_over_devices(model):  # torchao would quantize each rank's part as if it were the whole weight
+        raise LLMKitError(QUANTIZE_LIMITATION)
+    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):  # (a DTensor is one too: checked first)
         raise LLMKitError(f"{llm.name} is already quantized ({llm.scheme}); load the float model and quantize that")
     steps = parse_scheme(scheme)
     text = str(scheme)
@@ -340,8 +344,11 @@ def quantize_like_export_llm(llm: LLM, group_size: int) -> LLM:
 
 
 def _storages(t: Tensor) -> Iterator[torch.UntypedStorage]:
-    """The storages that hold a tensor's data: its own, or a torchao tensor's inner tensors', recursively."""
-    if is_traceable_wrapper_subclass(t):
+    """The storages that hold a tensor's data: its own, or a torchao tensor's inner tensors', recursively; of a
+    weight split over devices (a DTensor), this rank's part."""
+    if isinstance(t, DTensor):
+        yield from _storages(t.to_local())
+    elif is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         for name in names:
             yield from _storages(getattr(t, name))
