@@ -9,9 +9,9 @@ the same scheme needs different kernels (and so tensor layouts) on a CPU and on 
 | --- | --- | --- |
 | precision | `model.to(dtype)` | `model.to(dtype)` |
 | embedding | `IntxWeightOnlyConfig(int<b>, PerGroup(g) or PerAxis(0))` | same |
-| linear:int8 | `Int8WeightOnlyConfig(PerRow() or PerGroup(g))` | same |
+| linear:int8 | `Int8WeightOnlyConfig(PerRow() or PerGroup(g))` | per row: llmkit's kernel (`llmkit.kernels`) |
 | linear:a8w8dq | `Int8DynamicActivationInt8WeightConfig()` | same |
-| linear:int4 | `PrototypeInt4WeightOnlyConfig(g)`, g 32/64/128 | `Int4WeightOnlyConfig(g, "tile_packed_to_4d")`, bf16 |
+| linear:int4 | `PrototypeInt4WeightOnlyConfig(g)`, g 32/64/128 | g 32/64/128: llmkit's kernel; 256: tinygemm |
 | linear:a8w4dq | `Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g))` | same |
 | linear:fp8 | `Float8WeightOnlyConfig()` | same |
 | linear:mxfp4 | `MXDynamicActivationMXWeightConfig(fp4, fp4, EMULATED)`, bf16 | same |
@@ -21,12 +21,16 @@ Steps run in the order precision, embedding, linear, whatever the order of the J
 means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
 bfloat16 model (torchao's CPU int4 kernel is slow with float32 activations); on a GPU, int4 takes
 tinygemm's tile packing, whose kernel ships with torch (torchao's other int4 packings need the MSLK package).
+linear:int8/int4 take `"kernel"`: "auto" (llmkit's Triton kernels on CUDA where they fit, `llmkit.quantized_linear`;
+else torchao's), "llmkit" or "torchao": `'{"linear:int4": {"groupsize": 128, "kernel": "torchao"}}'` is tinygemm.
 """
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -75,9 +79,9 @@ PRESETS = {
 KEYS = {
     "precision": {"dtype": None},
     "embedding": {"bitwidth": None, "groupsize": 0},
-    "linear:int8": {"groupsize": 0},
+    "linear:int8": {"groupsize": 0, "kernel": "auto"},
     "linear:a8w8dq": {},
-    "linear:int4": {"groupsize": None},
+    "linear:int4": {"groupsize": None, "kernel": "auto"},
     "linear:a8w4dq": {"groupsize": None},
     "linear:fp8": {},
     "linear:mxfp4": {},
@@ -166,6 +170,8 @@ def _check_params(text: str, step: SchemeEntry) -> None:
         raise LLMKitError(f"scheme {text!r}: unknown dtype {p['dtype']!r}; use one of {', '.join(DTYPES)}")
     if "bitwidth" in p and (type(p["bitwidth"]) is not int or not 1 <= p["bitwidth"] <= 8):
         raise LLMKitError(f"scheme {text!r}: embedding bitwidth {p['bitwidth']!r} is not supported; use 1 to 8")
+    if "kernel" in p and p["kernel"] not in ("auto", "llmkit", "torchao"):
+        raise LLMKitError(f"scheme {text!r}: unknown kernel {p['kernel']!r}; use one of auto, llmkit, torchao")
     if "groupsize" in p:
         g = p["groupsize"]
         per_row = step.key in ("embedding", "linear:int8")
@@ -248,6 +254,20 @@ def _config(step: SchemeEntry, device: torch.device, dtype: torch.dtype, scheme:
     raise AssertionError(key)
 
 
+def _kernel(step: SchemeEntry, device: torch.device, scheme: str) -> str:
+    """Whose kernel multiplies the weights of `step`: "llmkit" or "torchao" (the module docstring says how)."""
+    kernel, g = step.params.get("kernel", "torchao"), step.params.get("groupsize")
+    fits, triton = g == 0 if step.key == "linear:int8" else g in (32, 64, 128), importlib.util.find_spec("triton")
+    if kernel == "auto":
+        return "llmkit" if device.type == "cuda" and fits and triton else "torchao"
+    off_gpu = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    for problem, needs in [(not fits, "groupsize 0" if step.key == "linear:int8" else "groups of 32, 64 or 128"),
+                           (not triton, "Triton"), (off_gpu, "a CUDA GPU, or TRITON_INTERPRET=1 on the CPU")]:
+        if kernel == "llmkit" and problem:
+            raise LLMKitError(f"scheme {scheme!r}: llmkit's {step.key} kernel needs {needs}; use kernel torchao")
+    return kernel
+
+
 def _block(step: SchemeEntry) -> tuple[int, int]:
     """(rows, columns) that each weight's shape must be a multiple of: the quantization block."""
     g = step.params.get("groupsize") or 1
@@ -294,7 +314,7 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
     model = llm.model
     if model is None:
         raise LLMKitError(f"{llm.name} has no eager model to quantize (it was exported); load the checkpoint")
-    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
+    if any(is_traceable_wrapper_subclass(p) or p.dtype in (torch.int8, torch.uint8) for p in model.parameters()):
         raise LLMKitError(f"{llm.name} is already quantized ({llm.scheme}); load the float model and quantize that")
     steps = parse_scheme(scheme)
     text = str(scheme)
@@ -305,14 +325,22 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
             dtype = DTYPES[step.params["dtype"]]
             continue
         kind = nn.Embedding if step.key == "embedding" else nn.Linear
-        _check_shapes({n: m for n, m in model.named_modules() if isinstance(m, kind)}, step, text)
-        _config(step, target, dtype, text)
+        ours = step.key in ("linear:int8", "linear:int4") and _kernel(step, target, text) == "llmkit"
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
+        _check_shapes(layers, dataclasses.replace(step, key="linear:int8") if ours else step, text)  # any rows
+        if not ours:
+            _config(step, target, dtype, text)
     old = (llm.device, model.tok_embeddings.weight.dtype)
     model.to(device=target, dtype=dtype)
     for step in steps:
         if step.key == "precision":
             continue
         _untie(model)
+        if step.key in ("linear:int8", "linear:int4") and _kernel(step, target, text) == "llmkit":
+            from llmkit.quantized_linear import use_kernels
+
+            use_kernels(model, 8 if step.key == "linear:int8" else 4, step.params["groupsize"])
+            continue
         kind = nn.Embedding if step.key == "embedding" else nn.Linear
         quantize_(model, _config(step, target, dtype, text), filter_fn=lambda m, _, kind=kind: isinstance(m, kind))
     if (target, dtype) != old:
@@ -369,6 +397,8 @@ def save(llm: LLM, out_dir: str | Path, force: bool = False) -> Path:
     out_dir = check_output_path(out_dir, force, folder=True)
     if llm.model is None:
         raise LLMKitError(f"{llm.name} has no eager model to save (it was exported); save before exporting")
+    if any(p.dtype in (torch.int8, torch.uint8) for p in llm.model.parameters()):
+        raise LLMKitError(f'{llm.name} runs on llmkit\'s kernels, not saved yet; save with "kernel": "torchao"')
     payload = {
         "format": SAVED_FORMAT,
         "args": llm.model.args.to_dict(),
