@@ -115,9 +115,9 @@ def fit(rows: list[dict]) -> tuple[float, float]:
 
 SWEEP = {
     "llmkit-int8": [kernels.Config(bn, bk, s, w) for bn, bk, s, w in
-                    itertools.product((4, 8, 16), (512, 1024), (1, 2, 4), (4, 8))],  # fmt: skip
+                    itertools.product((4, 8, 16), (512, 1024), (1, 2), (4, 8))],  # fmt: skip
     "llmkit-int4-128": [kernels.Config(bn, bk, s, w) for bn, bk, s, w in
-                        itertools.product((4, 8, 16), (1024, 2048), (1, 2, 4), (4, 8))],  # fmt: skip
+                        itertools.product((4, 8, 16), (1024, 2048), (1, 2), (4, 8))],  # fmt: skip
 }
 KINDS = ("bf16-cublas", "llmkit-int8", "torchao-int8", "llmkit-int4-32", "llmkit-int4-64", "llmkit-int4-128",
          "torchao-int4-128")  # fmt: skip
@@ -129,6 +129,7 @@ def main() -> None:
     p.add_argument("--kernels", nargs="+", default=list(KINDS))
     p.add_argument("--sweep", action="store_true", help="time every configuration in SWEEP; print the best")
     p.add_argument("--out", help="append the rows to this JSON-lines file")
+    p.add_argument("--write-tuned", help="with --sweep: write the best configurations here")
     args = p.parse_args()
     env = {**environment(torch.device("cuda")), "copy_bandwidth_gb_per_s": memory_bandwidth("cuda", 2048) / 1e9,
            "command": "python benchmarks/gemv_bench.py " + " ".join(sys.argv[1:]),
@@ -152,6 +153,8 @@ def main() -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     if args.sweep:
         print("TUNED", json.dumps(best))
+        if args.write_tuned:
+            Path(args.write_tuned).write_text(json.dumps(best, indent=1) + "\n")
         return
     bw = env["copy_bandwidth_gb_per_s"]
     print("| shape | matrix | N x K | " + " | ".join(args.kernels) + " |")

@@ -12,8 +12,10 @@ column 2j+1 in its high nibble; each group of G columns has a scale and an offse
 is q * scale + offset with q in 0..15.
 """
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -27,8 +29,8 @@ INT4_GROUPS = (32, 64, 128)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # 2**23 as float32 bits: OR-ing an integer 0 <= i < 2**23 into the mantissa gives the float 2**23 + i exactly,
 # one integer and one float instruction where a conversion (I2F) runs at a quarter of their rate on Hopper
-MAGIC = 0x4B000000
-MAGIC_F = 8388608.0
+MAGIC = tl.constexpr(0x4B000000)
+MAGIC_F = tl.constexpr(8388608.0)
 
 
 # ---- packing and references ------------------------------------------------------------------------------
@@ -177,9 +179,10 @@ class Config:
     num_stages: int = 3
 
 
-# (kind, N, K) -> the fastest configuration at one token on an H200 (benchmarks/gemv_bench.py --sweep; the
-# sweep's rows are in data/benchmarks/gpu/); other shapes get `_heuristic`'s
-TUNED: dict[tuple[str, int, int], Config] = {}
+# "kind N K" -> the fastest configuration at one token on an H200, written by benchmarks/gemv_bench.py --sweep
+# (its rows are in data/benchmarks/gpu/); other shapes get `_heuristic`'s
+TUNED_FILE = Path(__file__).with_name("kernel_configs.json")
+TUNED = {key: Config(**c) for key, c in json.loads(TUNED_FILE.read_text()).items()} if TUNED_FILE.is_file() else {}
 
 
 def _heuristic(kind: str, n: int, k: int) -> Config:
@@ -193,7 +196,7 @@ def _heuristic(kind: str, n: int, k: int) -> Config:
 def config_for(kind: str, m: int, n: int, k: int) -> Config:
     if m > 1:  # the tensor-core path: a 16-row tile of activations
         return Config(64, 128, 1, 4, 3)
-    return TUNED.get((kind, n, k)) or _heuristic(kind, n, k)
+    return TUNED.get(f"{kind} {n} {k}") or _heuristic(kind, n, k)
 
 
 def _check(x: Tensor, k: int) -> None:
