@@ -33,7 +33,7 @@ if has aoti; then
   grep -E "^exit|load:|compile:|#[0-9]|File|SIGSEGV|Fatal" $OUT/aoti.log | head -40
 fi
 if has bench; then
-  timeout ${BENCH_TIMEOUT:-300} python3 -m llmkit bench --shape llama-2-7b --device cuda --dtype bfloat16 --quantize none int8wo \
+  timeout $((${BENCH_END:-570} - SECONDS)) python3 -m llmkit bench --shape llama-2-7b --device cuda --dtype bfloat16 --quantize none int8wo \
     ${BENCH_SCHEMES:-int4wo-128} --path compile --repeats 3 \
     --out $OUT/bench.jsonl > $OUT/bench.log 2>&1
   grep "^|" $OUT/bench.log
