@@ -11,7 +11,7 @@ the same scheme needs different kernels (and so tensor layouts) on a CPU and on 
 | embedding | `IntxWeightOnlyConfig(int<b>, PerGroup(g) or PerAxis(0))` | same |
 | linear:int8 | `Int8WeightOnlyConfig(PerRow() or PerGroup(g))` | per row: llmkit's kernel (`llmkit.kernels`) |
 | linear:a8w8dq | `Int8DynamicActivationInt8WeightConfig()` | same |
-| linear:int4 | `PrototypeInt4WeightOnlyConfig(g)`, g 32/64/128 | g 32/64/128: llmkit's kernel; 256: tinygemm |
+| linear:int4 | `PrototypeInt4WeightOnlyConfig(g)`, g 32/64/128 | `Int4WeightOnlyConfig(g, "tile_packed_to_4d")`, bf16 |
 | linear:a8w4dq | `Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g))` | same |
 | linear:fp8 | `Float8WeightOnlyConfig()` | same |
 | linear:mxfp4 | `MXDynamicActivationMXWeightConfig(fp4, fp4, EMULATED)`, bf16 | same |
@@ -21,8 +21,8 @@ Steps run in the order precision, embedding, linear, whatever the order of the J
 means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
 bfloat16 model (torchao's CPU int4 kernel is slow with float32 activations); on a GPU, int4 takes
 tinygemm's tile packing, whose kernel ships with torch (torchao's other int4 packings need the MSLK package).
-linear:int8/int4 take `"kernel"`: "auto" (llmkit's Triton kernels on CUDA where they fit, `llmkit.quantized_linear`;
-else torchao's), "llmkit" or "torchao": `'{"linear:int4": {"groupsize": 128, "kernel": "torchao"}}'` is tinygemm.
+linear:int8/int4 take `"kernel"`: "auto" (int8 on CUDA: llmkit's Triton kernel, `llmkit.quantized_linear`, faster
+there; else torchao's), "llmkit" or "torchao": `'{"linear:int4": {"groupsize": 128, "kernel": "llmkit"}}'`.
 """
 
 import dataclasses
@@ -259,7 +259,7 @@ def _kernel(step: SchemeEntry, device: torch.device, scheme: str) -> str:
     kernel, g = step.params.get("kernel", "torchao"), step.params.get("groupsize")
     fits, triton = g == 0 if step.key == "linear:int8" else g in (32, 64, 128), importlib.util.find_spec("triton")
     if kernel == "auto":
-        return "llmkit" if device.type == "cuda" and fits and triton else "torchao"
+        return "llmkit" if device.type == "cuda" and fits and triton and step.key == "linear:int8" else "torchao"
     off_gpu = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     for problem, needs in [(not fits, "groupsize 0" if step.key == "linear:int8" else "groups of 32, 64 or 128"),
                            (not triton, "Triton"), (off_gpu, "a CUDA GPU, or TRITON_INTERPRET=1 on the CPU")]:
