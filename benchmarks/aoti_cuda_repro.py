@@ -6,6 +6,17 @@
     python benchmarks/aoti_cuda_repro.py cpp-only /tmp/linear_src  # package_cpp_only: sources and CMakeLists
 
 Each step in its own process, so a crash names the step; each prints one line when it gets through.
+
+Seen on an H200 (torch 2.11.0+cu130, CUDA 13.0, 2026-12-03): compile and cpp-only exit 0; load exits 139.
+faulthandler: the fault is inside `torch.export.pt2_archive._package._load_aoti` (the C++ loader). cuda-gdb's
+backtrace, innermost frames first: libstdc++'s std::regex compiler (`_Compiler<regex_traits<char>>::_M_atom /
+_M_alternative / _M_disjunction / _M_bracket_expression`, recursing) inside the package's own wrapper.so, called
+from `torch::aot_inductor::parse_device_str`, from `AOTInductorModel::AOTInductorModel`, from
+`AOTInductorModelContainerCreateWithDevice`, from `AOTIModelContainerRunnerCuda` (libtorch_cuda.so), from
+`AOTIModelPackageLoader`. So the crash is in building a std::regex that parses the device string ("cuda:0"), in
+code compiled into the package by the machine's C++ compiler, before any CUDA work: a libstdc++ mismatch between
+the headers the wrapper.so was compiled against and the libstdc++ the process loaded is the first suspect (not
+yet confirmed). The full log is in data/benchmarks/gpu/aoti-h200.log.
 """
 
 import sys

@@ -182,7 +182,7 @@ def _check_params(text: str, step: SchemeEntry) -> None:
 
 def scheme_text(steps: list[SchemeEntry]) -> str:
     """The steps as one line of torchchat JSON: how a quantized model records what was done to it."""
-    return json.dumps({s.key: s.params for s in steps})
+    return json.dumps({s.key: {k: v for k, v in s.params.items() if (k, v) != ("kernel", "auto")} for s in steps})
 
 
 # ---- applying --------------------------------------------------------------------------------

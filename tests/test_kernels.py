@@ -90,7 +90,7 @@ def test_int4_packing_round_trips_and_quantizes_within_half_a_step():
 
 def test_the_custom_ops_trace_into_a_graph_with_their_shapes():
     """torch.compile and export see the ops through their fake implementations: shapes without running them."""
-    x, w = torch.randn(3, 256), torch.randn(40, 256)
+    x, w = torch.randn(3, 256, device=DEVICE), torch.randn(40, 256, device=DEVICE)
     q, scale = kernels.quantize_int8(w)
     packed, s4, o4 = kernels.quantize_int4(w, 64)
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -72,7 +72,7 @@ def inner_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def test_presets_and_json_parse_to_ordered_steps(tmp_path):
-    assert parse_scheme("int4wo-64") == [SchemeEntry("linear:int4", {"groupsize": 64})]
+    assert parse_scheme("int4wo-64") == [SchemeEntry("linear:int4", {"groupsize": 64, "kernel": "auto"})]
     assert parse_scheme("mobile") == [SchemeEntry("embedding", {"bitwidth": 4, "groupsize": 32}),
                                       SchemeEntry("linear:a8w4dq", {"groupsize": 256})]  # fmt: skip
     text = '{"linear:int4": {"groupsize": 256}, "precision": {"dtype": "bfloat16"}}'
