@@ -21,8 +21,8 @@ Steps run in the order precision, embedding, linear, whatever the order of the J
 means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
 bfloat16 model (torchao's CPU int4 kernel is slow with float32 activations); on a GPU, int4 takes
 tinygemm's tile packing, whose kernel ships with torch (torchao's other int4 packings need the MSLK package).
-linear:int8/int4 take `"kernel"`: "auto" (int8 on CUDA: llmkit's Triton kernel, `llmkit.quantized_linear`, faster
-there; else torchao's), "llmkit" or "torchao": `'{"linear:int4": {"groupsize": 128, "kernel": "llmkit"}}'`.
+linear:int8/int4 take `"kernel"`: "auto" (torchao's, for now), "torchao" or "llmkit", the kit's Triton kernels
+(`llmkit.quantized_linear`, per-row int8, int4 g 32/64/128): `'{"linear:int8": {"groupsize": 0, "kernel": "llmkit"}}'`.
 """
 
 import dataclasses
@@ -259,7 +259,7 @@ def _kernel(step: SchemeEntry, device: torch.device, scheme: str) -> str:
     kernel, g = step.params.get("kernel", "torchao"), step.params.get("groupsize")
     fits, triton = g == 0 if step.key == "linear:int8" else g in (32, 64, 128), importlib.util.find_spec("triton")
     if kernel == "auto":
-        return "llmkit" if device.type == "cuda" and fits and triton and step.key == "linear:int8" else "torchao"
+        return "torchao"  # until a whole-model GPU run shows llmkit's faster (issue #27); per matrix it ties at int8
     off_gpu = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     for problem, needs in [(not fits, "groupsize 0" if step.key == "linear:int8" else "groups of 32, 64 or 128"),
                            (not triton, "Triton"), (off_gpu, "a CUDA GPU, or TRITON_INTERPRET=1 on the CPU")]:
