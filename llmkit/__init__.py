@@ -5,7 +5,8 @@ from llmkit.errors import LLMKitError
 from llmkit.evaluate import Perplexity, perplexity
 from llmkit.generate import LLM, Generation
 from llmkit.loading import load
-from llmkit.quantize import load_quantized, model_size, parse_scheme, quantize, save
+from llmkit.quantize import model_size, parse_scheme, quantize
+from llmkit.quantized_files import load_quantized, save
 from llmkit.speculative import SpeculativeLLM, speculate
 from llmkit.version import __version__
 

@@ -9,7 +9,7 @@ the same scheme needs different kernels (and so tensor layouts) on a CPU and on 
 | --- | --- | --- |
 | precision | `model.to(dtype)` | `model.to(dtype)` |
 | embedding | `IntxWeightOnlyConfig(int<b>, PerGroup(g) or PerAxis(0))` | same |
-| linear:int8 | `Int8WeightOnlyConfig(PerRow() or PerGroup(g))` | same |
+| linear:int8 | `Int8WeightOnlyConfig(PerRow() or PerGroup(g))` | per row: llmkit's kernel (`llmkit.kernels`) |
 | linear:a8w8dq | `Int8DynamicActivationInt8WeightConfig()` | same |
 | linear:int4 | `PrototypeInt4WeightOnlyConfig(g)`, g 32/64/128 | `Int4WeightOnlyConfig(g, "tile_packed_to_4d")`, bf16 |
 | linear:a8w4dq | `Int8DynamicActivationIntxWeightConfig(int4, PerGroup(g))` | same |
@@ -21,14 +21,17 @@ Steps run in the order precision, embedding, linear, whatever the order of the J
 means one group per row (per channel), where the config has that granularity. On the CPU, int4 wants a
 bfloat16 model (torchao's CPU int4 kernel is slow with float32 activations); on a GPU, int4 takes
 tinygemm's tile packing, whose kernel ships with torch (torchao's other int4 packings need the MSLK package).
+linear:int8/int4 take `"kernel"`: "auto" (torchao's, for now), "torchao" or "llmkit", the kit's Triton kernels
+(`llmkit.quantized_linear`, per-row int8, int4 g 32/64/128): `'{"linear:int8": {"groupsize": 0, "kernel": "llmkit"}}'`.
 """
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
+import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,13 +40,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from llmkit.checkpoint import read_torch_file
 from llmkit.devices import DTYPES, resolve_device
 from llmkit.distributed import QUANTIZE_LIMITATION, split_over_devices
-from llmkit.errors import LLMKitError, first_line
-from llmkit.files import check_output_path, write_folder_atomically
+from llmkit.errors import LLMKitError
 from llmkit.generate import LLM
-from llmkit.model import ModelArgs, Transformer
+from llmkit.model import Transformer
 
 
 def _drop_cuda_library_noise(record: logging.LogRecord) -> bool:
@@ -78,9 +79,9 @@ PRESETS = {
 KEYS = {
     "precision": {"dtype": None},
     "embedding": {"bitwidth": None, "groupsize": 0},
-    "linear:int8": {"groupsize": 0},
+    "linear:int8": {"groupsize": 0, "kernel": "auto"},
     "linear:a8w8dq": {},
-    "linear:int4": {"groupsize": None},
+    "linear:int4": {"groupsize": None, "kernel": "auto"},
     "linear:a8w4dq": {"groupsize": None},
     "linear:fp8": {},
     "linear:mxfp4": {},
@@ -88,9 +89,6 @@ KEYS = {
 }
 CPU_INT4_GROUPS = (32, 64, 128)  # the CPU int4 kernel (tinygemm for CPU)
 CUDA_INT4_GROUPS = (32, 64, 128, 256)
-SAVED_NAME = "quantized.pt"
-TOKENIZER_CONFIGS = ("tokenizer_config.json", "generation_config.json")  # special tokens, chat template
-SAVED_FORMAT = "llmkit.quantized/1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +167,8 @@ def _check_params(text: str, step: SchemeEntry) -> None:
         raise LLMKitError(f"scheme {text!r}: unknown dtype {p['dtype']!r}; use one of {', '.join(DTYPES)}")
     if "bitwidth" in p and (type(p["bitwidth"]) is not int or not 1 <= p["bitwidth"] <= 8):
         raise LLMKitError(f"scheme {text!r}: embedding bitwidth {p['bitwidth']!r} is not supported; use 1 to 8")
+    if "kernel" in p and p["kernel"] not in ("auto", "llmkit", "torchao"):
+        raise LLMKitError(f"scheme {text!r}: unknown kernel {p['kernel']!r}; use one of auto, llmkit, torchao")
     if "groupsize" in p:
         g = p["groupsize"]
         per_row = step.key in ("embedding", "linear:int8")
@@ -179,7 +179,7 @@ def _check_params(text: str, step: SchemeEntry) -> None:
 
 def scheme_text(steps: list[SchemeEntry]) -> str:
     """The steps as one line of torchchat JSON: how a quantized model records what was done to it."""
-    return json.dumps({s.key: s.params for s in steps})
+    return json.dumps({s.key: {k: v for k, v in s.params.items() if (k, v) != ("kernel", "auto")} for s in steps})
 
 
 # ---- applying --------------------------------------------------------------------------------
@@ -251,6 +251,20 @@ def _config(step: SchemeEntry, device: torch.device, dtype: torch.dtype, scheme:
     raise AssertionError(key)
 
 
+def _kernel(step: SchemeEntry, device: torch.device, scheme: str) -> str:
+    """Whose kernel multiplies the weights of `step`: "llmkit" or "torchao" (the module docstring says how)."""
+    kernel, g = step.params.get("kernel", "torchao"), step.params.get("groupsize")
+    fits, triton = g == 0 if step.key == "linear:int8" else g in (32, 64, 128), importlib.util.find_spec("triton")
+    if kernel == "auto":
+        return "torchao"  # until a whole-model GPU run shows llmkit's faster (issue #27); per matrix it ties at int8
+    off_gpu = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    for problem, needs in [(not fits, "groupsize 0" if step.key == "linear:int8" else "groups of 32, 64 or 128"),
+                           (not triton, "Triton"), (off_gpu, "a CUDA GPU, or TRITON_INTERPRET=1 on the CPU")]:
+        if kernel == "llmkit" and problem:
+            raise LLMKitError(f"scheme {scheme!r}: llmkit's {step.key} kernel needs {needs}; use kernel torchao")
+    return kernel
+
+
 def _block(step: SchemeEntry) -> tuple[int, int]:
     """(rows, columns) that each weight's shape must be a multiple of: the quantization block."""
     g = step.params.get("groupsize") or 1
@@ -303,7 +317,8 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
         raise LLMKitError(f"{llm.name} has no eager model to quantize (it was exported); load the checkpoint")
     if split_over_devices(model):  # torchao would quantize each rank's part as if it were the whole weight
         raise LLMKitError(QUANTIZE_LIMITATION)
-    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):  # (a DTensor is one too: checked first)
+    # a DTensor is a wrapper subclass too: checked first; llmkit's own kernels keep int8 weights in plain tensors
+    if any(is_traceable_wrapper_subclass(p) or p.dtype in (torch.int8, torch.uint8) for p in model.parameters()):
         raise LLMKitError(f"{llm.name} is already quantized ({llm.scheme}); load the float model and quantize that")
     steps = parse_scheme(scheme)
     text = str(scheme)
@@ -314,14 +329,22 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
             dtype = DTYPES[step.params["dtype"]]
             continue
         kind = nn.Embedding if step.key == "embedding" else nn.Linear
-        width = _check_shapes({n: m for n, m in model.named_modules() if isinstance(m, kind)}, step, text)
-        _config(step, target, dtype, text, width)
+        ours = step.key in ("linear:int8", "linear:int4") and _kernel(step, target, text) == "llmkit"
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
+        width = _check_shapes(layers, dataclasses.replace(step, key="linear:int8") if ours else step, text)  # any rows
+        if not ours:
+            _config(step, target, dtype, text, width)
     old = (llm.device, model.tok_embeddings.weight.dtype)
     model.to(device=target, dtype=dtype)
     for step in steps:
         if step.key == "precision":
             continue
         _untie(model)
+        if step.key in ("linear:int8", "linear:int4") and _kernel(step, target, text) == "llmkit":
+            from llmkit.quantized_linear import use_kernels
+
+            use_kernels(model, 8 if step.key == "linear:int8" else 4, step.params["groupsize"])
+            continue
         kind = nn.Embedding if step.key == "embedding" else nn.Linear
         quantize_(model, _config(step, target, dtype, text), filter_fn=lambda m, _, kind=kind: isinstance(m, kind))
     if (target, dtype) != old:
@@ -368,65 +391,3 @@ def model_size(llm_or_model: LLM | nn.Module) -> int:
         for s in _storages(p):
             seen[(s.data_ptr(), s.device)] = s.nbytes()
     return sum(seen.values())
-
-
-def save(llm: LLM, out_dir: str | Path, force: bool = False) -> Path:
-    """Write `out_dir/quantized.pt` (weights, model args, scheme) and the tokenizer's files, atomically.
-
-    torch.save of the state dict, not safetensors: torchao's tensors pickle as their inner tensors
-    plus a few attributes (block size, dtypes) and load back with `weights_only=True`, so no code
-    runs on load; safetensors would need an encoding of each tensor type's attributes of our own.
-    The file is `model_size` plus the zip container's few hundred bytes per inner tensor.
-    """
-    out_dir = check_output_path(out_dir, force, folder=True)
-    if llm.model is None:
-        raise LLMKitError(f"{llm.name} has no eager model to save (it was exported); save before exporting")
-    payload = {
-        "format": SAVED_FORMAT,
-        "args": llm.model.args.to_dict(),
-        "scheme": llm.scheme,
-        "state_dict": llm.model.state_dict(),
-    }
-    tokenizer = Path(llm.tokenizer.path)
-
-    def fill(tmp: Path) -> None:
-        torch.save(payload, tmp / SAVED_NAME)
-        for source in [tokenizer, *(tokenizer.parent / name for name in TOKENIZER_CONFIGS)]:
-            if source.is_file():
-                shutil.copy(source, tmp / source.name)
-
-    return write_folder_atomically(out_dir, fill)
-
-
-def load_quantized(path: str | Path, device: str = "cpu") -> LLM:
-    """Load what `save` wrote (the folder or its quantized.pt) as an LLM with the same scheme."""
-    from llmkit.tokenizer import find_tokenizer, load_tokenizer
-
-    path, target = Path(path), resolve_device(device)
-    folder = path if path.is_dir() else path.parent
-    file = folder / SAVED_NAME
-    if not file.is_file():
-        raise LLMKitError(f"{folder} holds no {SAVED_NAME}; give a folder written by llmkit.quantize.save")
-    payload = read_torch_file(file, "save the model again")
-    if not isinstance(payload, dict) or payload.get("format") != SAVED_FORMAT:
-        raise LLMKitError(f"{file} is not an llmkit quantized model ({SAVED_FORMAT}); save it with llmkit.quantize")
-    try:
-        args, state = ModelArgs(**payload["args"]), dict(payload["state_dict"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise LLMKitError(f"{file} is damaged ({type(e).__name__}: {first_line(e)}); save the model again") from None
-    with torch.device("meta"):
-        model = Transformer(args)
-    if set(state) != set(model.state_dict()):
-        raise LLMKitError(f"{file}: its weights do not fit the model its args describe; save the model again")
-    for name, tensor in state.items():  # loaded on the CPU, then moved: torchao tensors unpickle badly on "cuda"
-        module, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module), attr, nn.Parameter(tensor.to(target), requires_grad=False))
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.setup_buffers()
-    tokenizer = find_tokenizer(folder)
-    if tokenizer is None:
-        raise LLMKitError(f"no tokenizer beside {file}; copy the model's tokenizer file into {folder}")
-    llm = LLM(model.eval(), load_tokenizer(tokenizer), name=folder.name)
-    llm.scheme = payload["scheme"]
-    return llm

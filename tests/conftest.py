@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, llmkit's Triton kernels run in Triton's interpreter (tests/test_kernels.py). Triton reads this
+# when it is first imported (its own library functions become interpreted or compiled then), and torch's
+# inductor may import it early: so here, before any test. Only Triton reads it; the CPU's inductor writes C++.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from llmkit.model import ModelArgs, Transformer, random_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

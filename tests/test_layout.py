@@ -11,7 +11,7 @@ LAYERS = [
     {"errors", "files", "devices", "version"},
     {"model", "tokenizer", "float_formats", "scaled_formats", "ggml_blocks", "numerics", "data"},
     {"checkpoint", "gguf", "sampling", "generate", "loading", "engine", "speculative"},
-    {"quantize", "evaluate", "chat", "hub", "distributed"},
+    {"quantize", "quantized_files", "kernels", "quantized_linear", "evaluate", "chat", "hub", "distributed"},
     {"cpu_codegen", "graph_passes", "compile", "artifacts", "aoti", "executorch"},
     {"openai_api", "serve"},
     {"bench", "serve_bench", "speculative_bench", "pte_bench", "sweep", "plots", "widgets", "train"},

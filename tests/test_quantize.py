@@ -14,7 +14,8 @@ from llmkit.evaluate import perplexity
 from llmkit.generate import LLM
 from llmkit.loading import DEFAULT_MODEL, load
 from llmkit.model import ModelArgs, Transformer
-from llmkit.quantize import SchemeEntry, load_quantized, model_size, parse_scheme, quantize, save
+from llmkit.quantize import SchemeEntry, model_size, parse_scheme, quantize
+from llmkit.quantized_files import load_quantized, save
 from llmkit.tokenizer import load_tokenizer
 
 # dim 256 so that every preset's group size (up to 256) and block shape fits
@@ -72,7 +73,7 @@ def inner_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def test_presets_and_json_parse_to_ordered_steps(tmp_path):
-    assert parse_scheme("int4wo-64") == [SchemeEntry("linear:int4", {"groupsize": 64})]
+    assert parse_scheme("int4wo-64") == [SchemeEntry("linear:int4", {"groupsize": 64, "kernel": "auto"})]
     assert parse_scheme("mobile") == [SchemeEntry("embedding", {"bitwidth": 4, "groupsize": 32}),
                                       SchemeEntry("linear:a8w4dq", {"groupsize": 256})]  # fmt: skip
     text = '{"linear:int4": {"groupsize": 256}, "precision": {"dtype": "bfloat16"}}'

@@ -1,0 +1,40 @@
+#!/bin/bash
+# One device call for issue #27: kernel tests, the GEMV sweep and table, the AOTI investigation, the model bench.
+# Usage (on the GPU machine, from the repository root): bash benchmarks/gpu_session.sh STAGES OUT
+# STAGES: comma-separated of tests,sweep,gemv,aoti,bench
+set -u
+STAGES=$1; OUT=$2
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+mkdir -p $OUT
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $OUT/gpu.txt 2>&1
+if has tests; then
+  timeout 100 python3 -m pytest -q tests/test_kernels.py -x 2>&1 | tail -30 > $OUT/tests.log
+  tail -5 $OUT/tests.log
+fi
+if has sweep; then
+  timeout 200 python3 benchmarks/gemv_bench.py --shape llama-2-7b --sweep --out $OUT/sweep.jsonl \
+    --write-tuned llmkit/kernel_configs.json > $OUT/sweep.log 2>&1
+  grep -E "best|TUNED" $OUT/sweep.log; cp llmkit/kernel_configs.json $OUT/
+fi
+if has gemv; then
+  timeout 150 python3 benchmarks/gemv_bench.py --shape llama-2-7b --out $OUT/gemv.jsonl > $OUT/gemv.log 2>&1
+  grep -E "^\||FIT|copy" $OUT/gemv.log
+fi
+if has aoti; then
+  {
+  python3 benchmarks/aoti_cuda_repro.py compile /tmp/linear.pt2; echo "exit $?"
+  python3 -X faulthandler benchmarks/aoti_cuda_repro.py load /tmp/linear.pt2; echo "exit $?"
+  timeout 90 cuda-gdb -batch -ex run -ex bt -ex "x/4i \$pc" --args python3 benchmarks/aoti_cuda_repro.py load \
+    /tmp/linear.pt2 2>&1 | grep -v "^\[New Thread\|^\[Thread\|^warning" | tail -45
+  python3 benchmarks/aoti_cuda_repro.py cpp-only /tmp/linear_src.pt2; echo "exit $?"
+  python3 -c "import zipfile; print(*zipfile.ZipFile('/tmp/linear_src.pt2').namelist()[:20], sep='\n')"
+  } > $OUT/aoti.log 2>&1
+  grep -E "^exit|load:|compile:|#[0-9]|File|SIGSEGV|Fatal" $OUT/aoti.log | head -40
+fi
+if has bench; then
+  timeout $((${BENCH_END:-570} - SECONDS)) python3 -m llmkit bench --shape llama-2-7b --device cuda --dtype bfloat16 --quantize none int8wo \
+    ${BENCH_SCHEMES:-int4wo-128} --path compile --repeats 3 \
+    --out $OUT/bench.jsonl > $OUT/bench.log 2>&1
+  grep "^|" $OUT/bench.log
+fi
