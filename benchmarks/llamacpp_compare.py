@@ -1,6 +1,6 @@
 """llmkit against llama.cpp on one GGUF model, at each thread count: decode speed and greedy text, in one run.
 
-    python benchmarks/llamacpp_compare.py --llama-cpp PATH [--gguf FILE] [--threads 1 2] [--out results.jsonl]
+    python benchmarks/llamacpp_compare.py --llama-cpp PATH [--gguf FILE] [--threads 1 2] [--out FILE.jsonl]
 
 PATH is a llama.cpp source tree (not vendored), e.g. the one inside PyPI's llama-cpp-python source package
 (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`, then its vendor/llama.cpp). The script
