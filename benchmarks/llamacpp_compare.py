@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.bench import environment, read_results, table
+from llmkit.bench import bench_in_subprocess, environment, table
 from llmkit.gguf import convert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,15 +69,6 @@ def llmkit_generate(model: Path, prompt: str, new_tokens: int) -> str:
     return out.stdout.split(prompt, 1)[1].rstrip("\n") if prompt in out.stdout else out.stdout
 
 
-def llmkit_bench(model: Path, scheme: str, path: str, threads: int, new_tokens: int, repeats: int, workdir: Path):
-    out = workdir / "row.jsonl"
-    out.unlink(missing_ok=True)
-    subprocess.run([sys.executable, "-m", "llmkit", "bench", "--checkpoint-path", model, "--quantize", scheme,
-                    "--path", path, "--threads", str(threads), "--prompt-len", "8", "--new-tokens", str(new_tokens),
-                    "--repeats", str(repeats), "--out", out], check=True, cwd=workdir)  # fmt: skip
-    (row,) = read_results(out)
-    return row
-
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,7 +114,8 @@ def main() -> int:
             continue
         ours = []
         for kind, scheme, path, versus in LLMKIT_RUNS:
-            row = llmkit_bench(files[kind], scheme, path, threads, args.new_tokens, args.repeats, args.workdir)
+            row = bench_in_subprocess(files[kind], scheme, path, threads, 8, args.new_tokens, args.repeats,
+                                      args.workdir)
             row |= {"file": kind, "llama_cpp_file": versus, "llama_cpp_tokens_per_s": ref[versus],
                     "vs_llama_cpp": row["decode_tokens_per_s"] / ref[versus]}  # fmt: skip
             ours.append(row)

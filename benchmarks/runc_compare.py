@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.bench import environment, read_results, table
+from llmkit.bench import bench_in_subprocess, environment, table
 from llmkit.model import SHAPES
 
 STEPS = 256  # run.c's -n: the BOS token, then 255 decoded
@@ -66,16 +66,6 @@ def time_runc(binary: Path, model: Path, tokenizer: Path, threads: int, repeats:
     return statistics.median(speeds)
 
 
-def llmkit_bench(model: Path, scheme: str, path: str, threads: int, repeats: int, workdir: Path) -> dict:
-    """One `llmkit bench` row, in a process of its own: ExecuTorch's thread pool, once started, slows what follows."""
-    out = workdir / "row.jsonl"
-    out.unlink(missing_ok=True)
-    subprocess.run([sys.executable, "-m", "llmkit", "bench", "--checkpoint-path", str(model), "--quantize", scheme,
-                    "--path", path, "--threads", str(threads), "--prompt-len", "1", "--new-tokens", str(STEPS - 2),
-                    "--repeats", str(repeats), "--out", str(out)], check=True, cwd=workdir)  # fmt: skip
-    (row,) = read_results(out)
-    return row
-
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -103,7 +93,8 @@ def main() -> int:
             rows.append({"command": f"OMP_NUM_THREADS={threads} run model.bin -t 0 -n {STEPS}", "source": "run.c",
                          "llama2c_commit": commit, "decode_tokens_per_s": runc, "repeats": args.repeats,
                          **environment(torch.device("cpu"))})  # fmt: skip
-            ours = [llmkit_bench(model, scheme, path, threads, args.repeats, workdir) for scheme, path in LLMKIT_RUNS]
+            ours = [bench_in_subprocess(model, scheme, path, threads, 1, STEPS - 2, args.repeats, workdir)
+                    for scheme, path in LLMKIT_RUNS]
             print(f"\n{threads} thread(s): run.c {runc:.1f} tok/s\n{table(ours)}")
             for r in ours:
                 r["runc_tokens_per_s"], r["vs_runc"] = runc, r["decode_tokens_per_s"] / runc

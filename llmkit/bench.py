@@ -12,6 +12,7 @@ import resource
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,6 +310,19 @@ def check_speed_order(rows: list[dict], order=SPEED_ORDER) -> list[SpeedCheck]:
 def read_results(*files: str | Path) -> list[dict]:
     """The rows of JSON-lines result files, as `bench(..., out=...)` appends them."""
     return [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line]
+
+
+def bench_in_subprocess(checkpoint: str | Path, scheme: str, path: str, threads: int, prompt_len: int,
+                        new_tokens: int, repeats: int, workdir: Path) -> dict:  # fmt: skip
+    """One `llmkit bench` row, in a process of its own: ExecuTorch's thread pool, once started, slows what follows."""
+    out = workdir / "row.jsonl"
+    out.unlink(missing_ok=True)
+    flags = {"--checkpoint-path": checkpoint, "--quantize": scheme, "--path": path, "--threads": threads,
+             "--prompt-len": prompt_len, "--new-tokens": new_tokens, "--repeats": repeats, "--out": out}  # fmt: skip
+    argv = [str(x) for flag, value in flags.items() for x in (flag, value)]
+    subprocess.run([sys.executable, "-m", "llmkit", "bench", *argv], check=True, cwd=workdir)
+    (row,) = read_results(out)
+    return row
 
 
 def across_runs(rows: list[dict]) -> list[dict]:

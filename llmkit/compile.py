@@ -113,11 +113,10 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
     later writes its prompt there before reading it.
     """
     model, device = llm.model, llm.device
-    sizes, steps = batch_sizes(max_batch_size), {}
+    sizes, steps, options = batch_sizes(max_batch_size), {}, _options(model, device)
     with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
         for size in tqdm(sizes, desc="compiling the decode step", unit="batch size"):
             # a function of its own per size: dynamo's limit of 8 graphs per function would end in eager
-            options = _options(model, device)
             fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=options)
             tokens = torch.zeros(size, 1, dtype=torch.long, device=device)
             positions = torch.zeros(size, 1, dtype=torch.long, device=device)

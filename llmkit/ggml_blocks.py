@@ -143,17 +143,17 @@ def as_torchao(enc: GGMLEncoded, dtype: torch.dtype = torch.float32) -> Tensor:
 
     Q8_0 and Q4_0 map exactly (zero 0). Q4_1's d q + m becomes d (q - 8 - z) with a float zero z = -8 - m / d:
     in float32 that costs a rounding or two (a few units in the last place of the value); in bfloat16 the zero
-    point is rounded to 8 bits, up to 1/16 of a step. A block with d = 0 holds m alone: scale m, codes -8, z -9.
+    point is rounded to 8 bits: up to 1/64 of a step for a block that holds 0 (|z| <= 8), more for one that
+    doesn't. A block with d = 0 holds m alone: scale m, codes -8, z -9.
     """
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     block_size = (*[1] * (enc.codes.ndim - 1), BLOCK)
-    d = enc.scales.float()
+    d, zero = enc.scales.float(), torch.zeros_like(enc.scales, dtype=torch.int8)
     if enc.type == "q8_0":
-        qdata, target, zero = enc.codes, torch.int8, torch.zeros_like(enc.scales, dtype=torch.int8)
+        qdata, target = enc.codes, torch.int8
     else:
         qdata, target = (enc.codes.to(torch.int16) - 8).to(torch.int8), torch.int4
-        zero = torch.zeros_like(enc.scales, dtype=torch.int8)
         if enc.type == "q4_1":
             m = enc.mins.float()
             empty = d == 0
