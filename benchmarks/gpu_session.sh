@@ -1,7 +1,8 @@
 #!/bin/bash
-# One device call for issue #27: kernel tests, the GEMV sweep and table, the AOTI investigation, the model bench.
+# One device call: kernel tests, the GEMV sweep and table, the AOTI investigation, the model bench (#27); the GPU
+# tests of the whole suite and the serving figures of random-weight shapes (#25).
 # Usage (on the GPU machine, from the repository root): bash benchmarks/gpu_session.sh STAGES OUT
-# STAGES: comma-separated of tests,sweep,gemv,aoti,bench
+# STAGES: comma-separated of tests,gputests,sweep,gemv,aoti,bench,serve
 set -u
 STAGES=$1; OUT=$2
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -11,6 +12,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $
 if has tests; then
   timeout 100 python3 -m pytest -q tests/test_kernels.py -x 2>&1 | tail -30 > $OUT/tests.log
   tail -5 $OUT/tests.log
+fi
+if has gputests; then
+  timeout 300 python3 -m pytest -q -rs tests/test_gpu.py tests/test_speculative.py -k "gpu" 2>&1 | tail -30 \
+    > $OUT/gputests.log
+  tail -8 $OUT/gputests.log
 fi
 if has sweep; then
   timeout 200 python3 benchmarks/gemv_bench.py --shape llama-2-7b --sweep --out $OUT/sweep.jsonl \
@@ -37,4 +43,12 @@ if has bench; then
     ${BENCH_SCHEMES:-int4wo-128} --path compile --repeats 3 \
     --out $OUT/bench.jsonl > $OUT/bench.log 2>&1
   grep "^|" $OUT/bench.log
+fi
+if has serve; then  # SERVE_SHAPES, SERVE_COMPILE="--compile" or empty
+  for shape in ${SERVE_SHAPES:-llama-3.2-1b}; do
+    timeout $((${SERVE_END:-570} - SECONDS)) python3 benchmarks/serve_shapes.py --shape $shape ${SERVE_COMPILE---compile} \
+      --max-batch-size 16 --concurrency 1 2 4 8 16 --max-tokens 64 --out $OUT/serve-$shape.jsonl \
+      > $OUT/serve-$shape.log 2>&1
+    tail -8 $OUT/serve-$shape.log
+  done
 fi

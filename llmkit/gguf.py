@@ -135,15 +135,20 @@ def dequantized(tensor: gguf.ReaderTensor, path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a copy: F32 data is a read-only map
 
 
-def load_gguf_model(path: Path, reader: gguf.GGUFReader, max_seq_len: int | None = None) -> Transformer:
-    """The Transformer of a llama GGUF file, every tensor dequantized to float32."""
+def load_gguf_model(path: Path, reader: gguf.GGUFReader, max_seq_len: int | None = None,
+                    keep: frozenset[str] = frozenset()) -> Transformer:  # fmt: skip
+    """The Transformer of a llama GGUF file, every tensor dequantized to float32 but those named in `keep`
+    (ours): they hold uninitialised placeholders of their shape until `keep_blocks` puts their blocks there."""
     args = model_args(reader, path, max_seq_len)
     state = {}
     for tensor in reader.tensors:
         name = our_name(tensor.name)
         if name is None:
             raise LLMKitError(f"{path}: tensor {tensor.name} has no place in a llama model; the file is not one")
-        state[name] = in_our_row_order(dequantized(tensor, path), name, args)
+        if name in keep:
+            state[name] = torch.empty(tuple(int(d) for d in reversed(tensor.shape)))
+        else:
+            state[name] = in_our_row_order(dequantized(tensor, path), name, args)
     if args.tie_embeddings:
         state["output.weight"] = state.get("tok_embeddings.weight")
     return build_model(args, state, path)
@@ -157,30 +162,38 @@ def in_our_row_order(weight: torch.Tensor, name: str, args: ModelArgs) -> torch.
     return weight
 
 
-def keep_blocks(model: Transformer, reader: gguf.GGUFReader) -> int:
-    """Put back the file's Q8_0, Q4_0 and Q4_1 blocks in place of the float weights they were dequantized to, as
-    torchao tensors (`ggml_blocks.as_torchao`); returns how many weights changed.
+def kept_in_blocks(reader: gguf.GGUFReader) -> frozenset[str]:
+    """Our names of the weights that can stay in their blocks: the Q8_0, Q4_0 and Q4_1 ones, but q, k and v of a
+    layer only when they share a format (the model holds them as one fused wqkv)."""
+    types = {name: t.tensor_type for t in reader.tensors if t.tensor_type in BLOCK_TYPES and (name := our_name(t.name))}
+    qkv = tuple(f"attention.{w}.weight" for w in ("wq", "wk", "wv"))
+    keep = {name for name in types if not name.endswith(qkv)}
+    for name in [n for n in types if n.endswith(qkv[0])]:
+        parts = [name.replace(qkv[0], part) for part in qkv]
+        if len({types.get(p) for p in parts}) == 1:
+            keep.update(parts)
+    return frozenset(keep)
 
-    The model's fused wqkv keeps its blocks when q, k and v share a format; a tied output shares the embedding's.
-    """
+
+def keep_blocks(model: Transformer, reader: gguf.GGUFReader, keep: frozenset[str]) -> None:
+    """Put the file's blocks of the weights named in `keep` (`kept_in_blocks`) into the model, as torchao tensors
+    (`ggml_blocks.as_torchao`); q, k and v go into the fused wqkv, and a tied output shares the embedding's."""
     blocks = {}
     for tensor in reader.tensors:
-        name = our_name(tensor.name)
-        if name is not None and tensor.tensor_type in BLOCK_TYPES:
+        if (name := our_name(tensor.name)) in keep:
             shape = tuple(int(d) for d in reversed(tensor.shape))
             enc = ggml_blocks.from_bytes(torch.from_numpy(np.array(tensor.data)), BLOCK_TYPES[tensor.tensor_type],
                                          shape)  # fmt: skip
             blocks[name] = ggml_blocks.map_rows(enc, lambda rows, name=name: in_our_row_order(rows, name, model.args))
     for layer in range(model.args.n_layers):
         parts = [blocks.pop(f"layers.{layer}.attention.{w}.weight", None) for w in ("wq", "wk", "wv")]
-        if all(parts) and len({p.type for p in parts}) == 1:
+        if all(parts):
             blocks[f"layers.{layer}.attention.wqkv.weight"] = ggml_blocks.cat_rows(parts)
     for name, enc in blocks.items():
         module = model.get_submodule(name.removesuffix(".weight"))
         module.weight = torch.nn.Parameter(ggml_blocks.as_torchao(enc), requires_grad=False)
     if model.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return len(blocks)
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------------------
@@ -277,9 +290,12 @@ def load_gguf(
     if not path.is_file():
         raise LLMKitError(f"checkpoint not found: {path} (check the path, or use --model with an alias)")
     reader = read(path)
-    model = load_gguf_model(path, reader, max_seq_len)
-    if blocks and keep_blocks(model, reader) == 0:
+    keep = kept_in_blocks(reader) if blocks else frozenset()
+    if blocks and not keep:
         raise LLMKitError(f"{path}: no Q8_0, Q4_0 or Q4_1 weights to keep; drop --quantize gguf (it loads as floats)")
+    model = load_gguf_model(path, reader, max_seq_len, keep)
+    if keep:
+        keep_blocks(model, reader, keep)
     return model, GGUFTokenizer(path, reader)
 
 

@@ -99,8 +99,10 @@ def bench_serve(server_args: Sequence[str], concurrencies: Sequence[int] = (1, 2
     # compiling the decode step for every batch size takes minutes on a CPU before the server answers
     server = None if url else ServerProcess(server_args, timeout=900 if "--compile" in server_args else 120)
     url = url or server.url
-    record = {"command": command, "server_args": list(map(str, server_args)),  # environment() names the commit
-              **environment(torch.device("cpu")), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    server_args = list(map(str, server_args))
+    device = server_args[server_args.index("--device") + 1] if "--device" in server_args else "cpu"
+    record = {"command": command, "server_args": server_args,  # environment() names the commit and the machine
+              **environment(torch.device(device)), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     rows = []
     try:
         asyncio.run(load_level(url, 1, 1, max_tokens))  # warm-up: the first request pays for lazy set-up
