@@ -4,8 +4,9 @@ A GGUF file holds key-value metadata (the architecture's sizes, the vocabulary, 
 tensors in ggml's block formats. `gguf`, llama.cpp's own Python reader, parses the file and dequantizes the
 blocks; this module maps llama.cpp's names and layouts onto `llmkit.model.Transformer`:
 
-- llama.cpp's converter permutes the rows of the q and k projections so that its RoPE can rotate interleaved
-  pairs; the model rotates halves, so they are permuted back (as for llama2.c and Meta files).
+- Two architectures: `llama` and `qwen2` (a llama with biases on q, k and v). For `llama` files llama.cpp's
+  converter permutes the rows of the q and k projections so that its RoPE can rotate interleaved pairs; the model
+  rotates halves, so they are permuted back (as for llama2.c and Meta files). qwen2's rows keep their order.
 - ggml lists a tensor's sizes fastest-varying first, the reverse of PyTorch's order.
 - The tokenizer is rebuilt on the `tokenizers` library from the vocabulary in the metadata: byte-level BPE
   (`tokenizer.ggml.model` gpt2, split into words as the pre-tokenizer named by `tokenizer.ggml.pre` does) or
@@ -64,7 +65,10 @@ PRE_TOKENIZERS = {
     "gpt-2": [GPT2_PATTERN],
     "smollm": [r"\p{N}", GPT2_PATTERN],  # every digit alone, then GPT-2's words
     "llama-bpe": [LLAMA3_PATTERN],
+    "qwen2": [LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")],  # Llama 3's split, digits one by one
 }
+# llama.cpp's converter interleaves the q and k rows of `llama` files for its RoPE; qwen2's keep Hugging Face's order
+ARCHITECTURES = {"llama": True, "qwen2": False}  # architecture -> q/k rows interleaved
 
 
 def read(path: Path) -> gguf.GGUFReader:
@@ -85,8 +89,9 @@ def metadata(reader: gguf.GGUFReader, key: str, default: object = None) -> objec
 def model_args(reader: gguf.GGUFReader, path: Path, max_seq_len: int | None) -> ModelArgs:
     """ModelArgs from the `{architecture}.*` metadata; the vocabulary size is read off the embedding."""
     arch = metadata(reader, "general.architecture")
-    if arch != "llama":
-        raise LLMKitError(f"{path}: GGUF architecture {arch!r} is not supported; llmkit loads 'llama' GGUF files")
+    if arch not in ARCHITECTURES:
+        raise LLMKitError(f"{path}: GGUF architecture {arch!r} is not supported; llmkit loads "
+                          f"{' and '.join(map(repr, ARCHITECTURES))} GGUF files")  # fmt: skip
 
     def key(name: str, default: object = None) -> object:
         value = metadata(reader, f"{arch}.{name}", default)
@@ -111,6 +116,7 @@ def model_args(reader: gguf.GGUFReader, path: Path, max_seq_len: int | None) -> 
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(key("rope.freq_base", 1e4)),
         max_seq_len=min(ctx, max_seq_len or ctx),
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        qkv_bias=any(t.name == "blk.0.attn_q.bias" for t in reader.tensors),
     )  # fmt: skip
 
 
@@ -139,7 +145,7 @@ def load_gguf_model(path: Path, reader: gguf.GGUFReader, max_seq_len: int | None
                     keep: frozenset[str] = frozenset()) -> Transformer:  # fmt: skip
     """The Transformer of a llama GGUF file, every tensor dequantized to float32 but those named in `keep`
     (ours): they hold uninitialised placeholders of their shape until `keep_blocks` puts their blocks there."""
-    args = model_args(reader, path, max_seq_len)
+    args, interleaved = model_args(reader, path, max_seq_len), ARCHITECTURES[metadata(reader, "general.architecture")]
     state = {}
     for tensor in reader.tensors:
         name = our_name(tensor.name)
@@ -148,13 +154,15 @@ def load_gguf_model(path: Path, reader: gguf.GGUFReader, max_seq_len: int | None
         if name in keep:
             state[name] = torch.empty(tuple(int(d) for d in reversed(tensor.shape)))
         else:
-            state[name] = in_our_row_order(dequantized(tensor, path), name, args)
+            state[name] = in_our_row_order(dequantized(tensor, path), name, args, interleaved)
     if args.tie_embeddings:
         state["output.weight"] = state.get("tok_embeddings.weight")
     return build_model(args, state, path)
 
 
-def in_our_row_order(weight: torch.Tensor, name: str, args: ModelArgs) -> torch.Tensor:
+def in_our_row_order(weight: torch.Tensor, name: str, args: ModelArgs, interleaved: bool) -> torch.Tensor:
+    if not interleaved:
+        return weight
     if name.endswith("attention.wq.weight"):
         return interleaved_to_halves(weight, args.n_heads)
     if name.endswith("attention.wk.weight"):
@@ -178,13 +186,15 @@ def kept_in_blocks(reader: gguf.GGUFReader) -> frozenset[str]:
 def keep_blocks(model: Transformer, reader: gguf.GGUFReader, keep: frozenset[str]) -> None:
     """Put the file's blocks of the weights named in `keep` (`kept_in_blocks`) into the model, as torchao tensors
     (`ggml_blocks.as_torchao`); q, k and v go into the fused wqkv, and a tied output shares the embedding's."""
-    blocks = {}
+    blocks, interleaved = {}, ARCHITECTURES[metadata(reader, "general.architecture")]
     for tensor in reader.tensors:
         if (name := our_name(tensor.name)) in keep:
             shape = tuple(int(d) for d in reversed(tensor.shape))
             enc = ggml_blocks.from_bytes(torch.from_numpy(np.array(tensor.data)), BLOCK_TYPES[tensor.tensor_type],
                                          shape)  # fmt: skip
-            blocks[name] = ggml_blocks.map_rows(enc, lambda rows, name=name: in_our_row_order(rows, name, model.args))
+            blocks[name] = ggml_blocks.map_rows(
+                enc, lambda rows, name=name: in_our_row_order(rows, name, model.args, interleaved)
+            )
     for layer in range(model.args.n_layers):
         parts = [blocks.pop(f"layers.{layer}.attention.{w}.weight", None) for w in ("wq", "wk", "wv")]
         if all(parts):
