@@ -71,7 +71,7 @@ lab: $(STAMP)
 # DEVICE=cuda took 16 s on an H200; DEVICE=cpu works too, slowly.
 DEVICE ?= cuda
 default-model: $(STAMP)
-	$(VENV)/bin/llmkit train --out data/pydoc-lm --device $(DEVICE)
+	$(VENV)/bin/llmkit train --out data/pydoc-lm --device $(DEVICE) --force
 
 # llmkit-run, the C++ runner for .pt2 packages: libtorch from the torch wheel, SentencePiece from
 # Debian (apt-get install libsentencepiece-dev cmake g++).
