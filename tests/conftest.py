@@ -162,7 +162,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     a folder the workers share, and the others wait for it and read it (an export costs a minute here)."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above the workers'
-    folder, done = shared / name, shared / name / ".built"
+    folder, done = shared / name, shared / f"{name}.built"  # beside the folder: tests list what is in it
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not done.exists():
