@@ -28,12 +28,16 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two pytest-xdist workers: most tests and chapters run one thread of Python at a time, so two of them fill the two
+# cores of a small machine (--dist loadfile: a file's tests, a notebook's cells, stay in one process, in order).
+XDIST := -n 2 --dist loadfile
+
 test-unit: $(STAMP) runner
-	$(VENV)/bin/pytest tests --ignore=tests/browser
+	$(VENV)/bin/pytest $(XDIST) tests --ignore=tests/browser
 
 # notebook 06 runs the C++ runner, so a fresh clone builds it first
 test-notebooks: $(STAMP) runner
-	$(VENV)/bin/pytest --nbval-lax notebooks/
+	$(VENV)/bin/pytest $(XDIST) --nbval-lax notebooks/
 
 # Decode speeds as ratios measured in one run (quantized faster than float32, compiled faster than eager): a
 # path that falls far behind fails on any machine. About 5 minutes on 2 cores, most of it compiling.
@@ -71,7 +75,7 @@ lab: $(STAMP)
 # DEVICE=cuda took 16 s on an H200; DEVICE=cpu works too, slowly.
 DEVICE ?= cuda
 default-model: $(STAMP)
-	$(VENV)/bin/llmkit train --out data/pydoc-lm --device $(DEVICE)
+	$(VENV)/bin/llmkit train --out data/pydoc-lm --device $(DEVICE) --force
 
 # llmkit-run, the C++ runner for .pt2 packages: libtorch from the torch wheel, SentencePiece from
 # Debian (apt-get install libsentencepiece-dev cmake g++).

@@ -303,7 +303,12 @@ def write_hf(model: Transformer, folder: Path, tokenizer_path: str | Path | None
             continue
         state[ours_to_hf(name)] = tensor.detach().contiguous()
     config = hf_config(model.args, model.tok_embeddings.weight.dtype, bos_id, list(eos_ids))
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    try:
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    except SafetensorError as e:  # safetensors reports a full disk as its own error; the atomic writers take OSError
+        if "I/O error" not in str(e):
+            raise
+        raise OSError(first_line(e)) from None
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer_path is not None:
         shutil.copy(tokenizer_path, folder / Path(tokenizer_path).name)

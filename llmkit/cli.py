@@ -197,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     command = "llmkit " + " ".join(args.argv)
     result = make_model(args.out, args.preset, cfg, args.vocab_size, command, prepared=args.data,
-                        tokenizer_path=args.tokenizer_path)  # fmt: skip
+                        tokenizer_path=args.tokenizer_path, force=args.force)  # fmt: skip
     print(f"{args.out}: held-out perplexity {result['ppl']:.2f} (unigram {result['unigram']:.1f}), "
           f"trained in {result['train_s']:.0f} s on {result['device']}")  # fmt: skip
 
@@ -210,6 +210,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, default=Path(".gpu"), help="prepare's output folder")
     p.add_argument("--data", type=Path, default=None, help="train from a prepared folder")
     p.add_argument("--out", type=Path, default=Path("data/pydoc-lm"), help="model folder to write")
+    p.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer-path", type=Path, default=None,

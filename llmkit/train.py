@@ -6,7 +6,7 @@ machine and the model trained on another (a GPU):
     prepare: corpus -> SentencePiece BPE tokenizer -> token ids (.npy) + corpus.json
     fit:     token ids -> Llama model (AdamW, warm-up + cosine decay) -> Hugging Face folder
 
-    llmkit train --out data/pydoc-lm                      # both, here
+    llmkit train --out data/pydoc-lm --force              # both, here (--force: replace the shipped folder)
     llmkit train prepare --work .gpu                      # stage 1 only
     llmkit train --data .gpu --out OUT --device cuda      # stage 2 from stage 1's folder
 """
@@ -33,7 +33,7 @@ from llmkit import data
 from llmkit.checkpoint import write_hf
 from llmkit.errors import LLMKitError
 from llmkit.evaluate import score_ids, unigram_perplexity_of_ids
-from llmkit.files import write_file_atomically, write_folder_atomically
+from llmkit.files import check_output_path, write_file_atomically, write_folder_atomically
 from llmkit.model import ModelArgs, Transformer
 from llmkit.tokenizer import load_tokenizer
 
@@ -348,9 +348,11 @@ def train_from(work: Path, out: Path, preset: str, cfg: TrainConfig, command: st
     return {**run, "history": history, "unigram": stats["unigram_perplexity"]}
 
 
-def make_model(out: Path, preset: str, cfg: TrainConfig, vocab_size: int, command: str,
-               prepared: Path | None = None, tokenizer_path: Path | None = None) -> dict:  # fmt: skip
-    """Both stages: prepare the corpus in a scratch folder (or use `prepared`), then train into `out`."""
+def make_model(out: Path, preset: str, cfg: TrainConfig, vocab_size: int, command: str, prepared: Path | None = None,
+               tokenizer_path: Path | None = None, force: bool = False) -> dict:  # fmt: skip
+    """Both stages: prepare the corpus in a scratch folder (or use `prepared`), then train into `out`, which may
+    replace an existing folder only with `force` (refused before the slow work, not after it)."""
+    check_output_path(out, force, folder=True)
     with tempfile.TemporaryDirectory() as scratch:
         work = prepared or Path(scratch)
         if prepared is None:

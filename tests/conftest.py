@@ -1,4 +1,9 @@
+import contextlib
+import fcntl
 import os
+import resource
+import shutil
+import signal
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -152,13 +157,28 @@ def tiny_folder(tmp_path_factory) -> Path:
     return tmp / "model"
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)`'s path, made once per test run: under pytest-xdist the first worker to need it builds it in
+    a folder the workers share, and the others wait for it and read it (an export costs a minute here)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above the workers'
+    folder, done = shared / name, shared / f"{name}.built"  # beside the folder: tests list what is in it
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(build(folder).name)
+    return folder / done.read_text()
+
+
 @pytest.fixture(scope="session")
 def tiny_pt2(tiny_folder, tmp_path_factory) -> Path:
     """`tiny_folder`'s model exported as an AOTInductor package (with its tokenizer beside it). Read, never changed."""
     import llmkit
     from llmkit.aoti import export_aoti
 
-    return export_aoti(llmkit.load(tiny_folder), tmp_path_factory.mktemp("pt2") / "tiny.pt2")
+    return built_once(tmp_path_factory, "pt2", lambda out: export_aoti(llmkit.load(tiny_folder), out / "tiny.pt2"))
 
 
 @pytest.fixture(scope="session")
@@ -167,4 +187,41 @@ def tiny_pte(tiny_folder, tmp_path_factory) -> Path:
     import llmkit
     from llmkit.executorch import export_pte
 
-    return export_pte(llmkit.load(tiny_folder), tmp_path_factory.mktemp("pte") / "tiny.pte")
+    return built_once(tmp_path_factory, "pte", lambda out: export_pte(llmkit.load(tiny_folder), out / "tiny.pte"))
+
+
+@contextlib.contextmanager
+def files_limited_to(n_bytes: int):
+    """Files this process writes may grow to `n_bytes` (RLIMIT_FSIZE): a write past that fails part-way with
+    OSError EFBIG, as a full disk fails it. Print nothing inside: pytest's captured output is a file too."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ ends the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def disk_full_while_writing(monkeypatch, module, name: str, n_bytes: int = 64) -> None:
+    """`module`'s atomic writers (llmkit.files' write_file_atomically / write_folder_atomically, as it imported
+    them) run the caller's own write of the file or folder called `name` with the disk full after `n_bytes`.
+    A caller that wrote `name` in place, not through a writer, would raise nothing."""
+
+    def failing(real):
+        def wrapped(path, write):
+            if Path(path).name != name:
+                return real(path, write)
+
+            def limited(tmp):
+                with files_limited_to(n_bytes):
+                    return write(tmp)
+
+            return real(path, limited)
+
+        return wrapped
+
+    for writer in ("write_file_atomically", "write_folder_atomically"):
+        if hasattr(module, writer):
+            monkeypatch.setattr(module, writer, failing(getattr(module, writer)))

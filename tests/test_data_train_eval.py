@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import disk_full_while_writing
 
 import llmkit
-from llmkit import data
+from llmkit import data, train
 from llmkit.checkpoint import load_checkpoint
 from llmkit.cli import main
 from llmkit.errors import LLMKitError
@@ -158,28 +159,86 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert rates[-1] == pytest.approx(1e-4)
 
 
-def test_prepare_and_train_write_a_loadable_model(tmp_path):
-    """The pipeline end to end with a tiny model and a few steps; the tokenizer is reproducible."""
-    stats = prepare_corpus(tmp_path / "work")
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """`llmkit train prepare`'s folder (tokenizer, token ids, corpus.json), made once for the tests that train."""
+    work = tmp_path_factory.mktemp("work")
+    prepare_corpus(work)
+    return work
+
+
+def test_prepare_and_train_write_a_loadable_model(prepared, tmp_path, capsys):
+    """The pipeline end to end with a tiny model and a few steps; the tokenizer is reproducible. An existing
+    --out folder is refused in one line before any work, and replaced whole with --force."""
+    stats = json.loads((prepared / "corpus.json").read_text())
     assert stats["vocab_size"] == 4096 and stats["unigram_perplexity"] > 100
     out = tmp_path / "model"
     out.mkdir()
-    (out / "stale").write_text("replaced atomically")
-    argv = ["train", "--data", str(tmp_path / "work"), "--out", str(out), "--preset", "tiny", "--steps", "4",
+    (out / "stale").write_text("the user's")
+    argv = ["train", "--data", str(prepared), "--out", str(out), "--preset", "tiny", "--steps", "4",
             "--batch-size", "2", "--seq-len", "32", "--warmup", "2", "--eval-every", "0"]  # fmt: skip
+    assert main(argv) == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"llmkit: error: {out} already exists") and "--force" in error, error
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in out.iterdir()] == ["stale"]
+    assert (out / "stale").read_text() == "the user's"
+    argv.append("--force")
     assert main(argv) == 0
     assert {p.name for p in out.iterdir()} == set(SHIPPED_FILES)
     card = (out / "README.md").read_text()
     assert "llmkit " + " ".join(argv) in card  # the card records the command that made the model
-    heldout = torch.from_numpy(np.load(tmp_path / "work" / "heldout.npy").astype(np.int64))
+    heldout = torch.from_numpy(np.load(prepared / "heldout.npy").astype(np.int64))
     saved = load_checkpoint(out).float()  # the bfloat16 weights it wrote, scored as training scored them
     assert f"**{score_ids(saved, heldout, 128, progress=False).value:.2f}**" in card
     model = load_checkpoint(out)
     assert model.args.dim == 64 and model.tok_embeddings.weight.dtype == torch.bfloat16
-    assert not list(tmp_path.glob(".model.*"))  # no temporary folder left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left behind
     if platform.python_version() == shipped_python():  # the same corpus gives the same tokenizer
         shipped = (DEFAULT_MODEL / "tokenizer.model").read_bytes()
-        assert (tmp_path / "work" / "tokenizer.model").read_bytes() == shipped
+        assert (prepared / "tokenizer.model").read_bytes() == shipped
+
+
+# A disk that fills up while the kit writes one of its outputs: the previous file (or folder) stays whole, and no
+# temporary file is left beside it. One test per place train.py writes through llmkit.files' atomic writers.
+
+
+def test_a_full_disk_while_writing_the_model_keeps_the_previous_folder(prepared, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("the previous model's")
+    disk_full_while_writing(monkeypatch, train, "model")
+    argv = ["train", "--data", prepared, "--out", out, "--force", "--preset", "tiny", "--steps", "1", "--batch-size",
+            "1", "--seq-len", "16", "--warmup", "1", "--eval-every", "0"]  # fmt: skip
+    assert main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("llmkit: error: ")]
+    assert len(errors) == 1 and f"cannot write {out} (" in errors[0] and "Traceback" not in err, err
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert (out / "config.json").read_text() == "the previous model's"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_full_disk_while_training_a_tokenizer_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "tokenizer.model"
+    path.write_text("the previous tokenizer")
+    disk_full_while_writing(monkeypatch, train, "tokenizer.model")
+    with pytest.raises(LLMKitError, match="cannot write .*tokenizer.model"):
+        train.train_tokenizer(data.train_text()[:50_000], path, vocab_size=400)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.model"]
+    assert path.read_text() == "the previous tokenizer"
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "train.npy", "corpus.json"])
+def test_a_full_disk_while_preparing_keeps_the_previous_file(prepared, tmp_path, monkeypatch, name):
+    """prepare_corpus writes the tokenizer it is given, each split's token ids, then corpus.json."""
+    previous = {n: f"the previous {n}" for n in ("tokenizer.model", "train.npy", "heldout.npy", "corpus.json")}
+    for n, text in previous.items():
+        (tmp_path / n).write_text(text)
+    disk_full_while_writing(monkeypatch, train, name)
+    with pytest.raises(LLMKitError, match=f"cannot write .*{name}"):
+        prepare_corpus(tmp_path, tokenizer_path=prepared / "tokenizer.model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(previous)
+    assert (tmp_path / name).read_text() == previous[name]
 
 
 def shipped_python() -> str:

@@ -1,8 +1,9 @@
 """Random, truncated and corrupted bytes in every file format the kit loads: one `llmkit: error:` line and exit
 status 2 (or a normal run, where the damage happened to leave a valid file), never a traceback or a crash.
 
-Each format runs in a process of its own (this file is also the driver: `python test_fuzz_loaders.py CASES`), as
-a crash inside a C++ loader takes the whole process with it; the driver names each case before it runs it.
+One driver process runs every format (this file is also the driver: `python test_fuzz_loaders.py SPEC LOG`), as
+starting one per format cost most of the time. A crash inside a C++ loader takes that process with it: the driver
+logs each case before it runs it, so the crash is that case's outcome, and a new driver goes on after it.
 """
 
 import contextlib
@@ -19,6 +20,8 @@ import pytest
 
 CASES_PER_FORMAT = 24
 SEED = 22
+FORMATS = ["llama2.c .bin", "safetensors", "config.json", "Meta .pth", "params.json", "gguf", "tokenizer.bin",
+           "tokenizer.model", "tokenizer.json", "tokenizer_config.json", ".pt2", ".pte"]  # fmt: skip
 
 
 def damaged(data: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
@@ -125,50 +128,88 @@ def write_hf_tokenizer(folder: Path) -> Path:
     return folder / "tokenizer.json"
 
 
-@pytest.mark.parametrize("name", ["llama2.c .bin", "safetensors", "config.json", "Meta .pth", "params.json", "gguf",
-                                  "tokenizer.bin", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                                  ".pt2", ".pte"])  # fmt: skip
-def test_damaged_files_are_one_line_never_a_crash(formats, name, tmp_path):
-    source, argv = formats[name]
-    original = Path(source).read_bytes()
-    spec = {"file": str(source), "argv": list(map(str, argv)), "seed": f"{SEED} {name}"}
-    (tmp_path / "cases.json").write_text(json.dumps(spec))
+@pytest.fixture(scope="module")
+def outcomes(formats, tmp_path_factory) -> dict[str, list[dict]]:
+    """{format: each damaged case's outcome}: one driver process over every format, and a new one after each case
+    that crashed its process (that case's outcome: the exit status)."""
+    root = tmp_path_factory.mktemp("fuzz")
+    spec = [{"name": name, "file": str(formats[name][0]), "argv": list(map(str, formats[name][1]))} for name in FORMATS]
+    (root / "spec.json").write_text(json.dumps(spec))
+    originals = {Path(f["file"]): Path(f["file"]).read_bytes() for f in spec}
+    results: dict[str, list[dict]] = {name: [] for name in FORMATS}
+    start = (0, 0)
     try:
-        done = subprocess.run([sys.executable, __file__, str(tmp_path / "cases.json")], capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        while start is not None:
+            log = root / f"log-{start[0]}-{start[1]}.jsonl"
+            done = subprocess.run([sys.executable, __file__, str(root / "spec.json"), str(log), *map(str, start)],
+                                  capture_output=True, text=True, timeout=600)  # fmt: skip
+            running, start = None, None
+            for event in map(json.loads, log.read_text().splitlines() if log.exists() else []):
+                if "status" in event:
+                    results[FORMATS[event["format"]]].append(event)
+                    running = None
+                else:
+                    running = event
+            if done.returncode != 0:
+                assert running is not None, f"the driver failed between cases: exit {done.returncode}\n{done.stderr}"
+                crash = {**running, "status": f"crash (exit {done.returncode})", "errors": [],
+                         "detail": done.stderr[-3000:]}  # fmt: skip
+                results[FORMATS[running["format"]]].append(crash)
+                for path, data in originals.items():  # the crashed driver left its damaged file in place
+                    path.write_bytes(data)
+                start = (running["format"], running["case"] + 1)
     finally:
-        Path(source).write_bytes(original)
-    report = done.stdout.strip().splitlines()
-    assert done.returncode == 0, (f"{name}: exit {done.returncode} during {report[-2:]}\n" + "\n".join(report[-40:])
-                                  + done.stderr[-3000:])  # fmt: skip
-    assert report[-1] == f"{CASES_PER_FORMAT} cases", report[-5:]
-    assert sum(line.startswith("  -> 2 ") for line in report) >= 3, report  # the damage was seen, not ignored
+        for path, data in originals.items():
+            path.write_bytes(data)
+    return results
 
 
-def drive(spec_file: str) -> int:
-    """Run every damaged version of the file through the command line; print each case, then the problems."""
+@pytest.mark.parametrize("name", FORMATS)
+def test_damaged_files_are_one_line_never_a_crash(outcomes, name):
+    cases = outcomes[name]
+    assert [c["case"] for c in cases] == list(range(CASES_PER_FORMAT)), cases
+    problems = [c for c in cases if not (c["status"] == 0 or (c["status"] == 2 and len(c["errors"]) == 1))
+                or c.get("traceback")]  # fmt: skip
+    assert not problems, "\n".join(f"case {c['case']} ({c['what']}): {c['status']}\n{c.get('detail', '')}"
+                                    for c in problems)  # fmt: skip
+    assert sum(c["status"] == 2 for c in cases) >= 3, cases  # the damage was seen, not ignored
+
+
+def drive(spec_file: str, log_file: str, first_format: int, first_case: int) -> int:
+    """Run every damaged version of each format's file through the command line, from the given format and case
+    on; log each case before it runs (a crash ends the process there) and its outcome after."""
     from llmkit.cli import main
 
-    spec = json.loads(Path(spec_file).read_text())
-    target = Path(spec["file"])
-    problems = []
-    for i, (what, data) in enumerate(damaged(target.read_bytes(), random.Random(spec["seed"]))):
-        print(f"case {i}: {what}", flush=True)  # the last line printed names the case that crashed, if one does
-        target.write_bytes(data)
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                status = main(spec["argv"])
-        except BaseException:  # noqa: BLE001 (whatever escapes the command line is the failure to report)
-            status, err = "raised", io.StringIO(err.getvalue() + traceback.format_exc())
-        errors = [line for line in err.getvalue().splitlines() if line.startswith("llmkit: error: ")]
-        print(f"  -> {status} {errors[0][:200] if errors else ''}", flush=True)
-        if not (status == 0 or (status == 2 and len(errors) == 1)) or "Traceback" in err.getvalue():
-            problems.append(f"case {i} ({what}): status {status}\n{err.getvalue()[-1500:]}")
-    print("\n".join(problems), flush=True)
-    print(f"{i + 1} cases")
-    return 1 if problems else 0
+    with open(log_file, "a", buffering=1) as log:
+        for f, spec in enumerate(json.loads(Path(spec_file).read_text())):
+            if f < first_format:
+                continue
+            target = Path(spec["file"])
+            original = target.read_bytes()
+            try:
+                for i, (what, data) in enumerate(damaged(original, random.Random(f"{SEED} {spec['name']}"))):
+                    if f == first_format and i < first_case:
+                        continue
+                    log.write(json.dumps({"format": f, "case": i, "what": what}) + "\n")
+                    target.write_bytes(data)
+                    log.write(json.dumps({"format": f, "case": i, "what": what, **run(main, spec["argv"])}) + "\n")
+            finally:
+                target.write_bytes(original)
+    return 0
+
+
+def run(main, argv: list[str]) -> dict:
+    """The command line's exit status, its `llmkit: error:` lines, and whether its stderr holds a traceback."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            status = main(argv)
+    except BaseException:  # noqa: BLE001 (whatever escapes the command line is the failure to report)
+        status, err = "raised", io.StringIO(err.getvalue() + traceback.format_exc())
+    errors = [line[:200] for line in err.getvalue().splitlines() if line.startswith("llmkit: error: ")]
+    return {"status": status, "errors": errors, "traceback": "Traceback" in err.getvalue(),
+            "detail": err.getvalue()[-1500:]}  # fmt: skip
 
 
 if __name__ == "__main__":
-    sys.exit(drive(sys.argv[1]))
+    sys.exit(drive(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))

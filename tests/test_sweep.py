@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import disk_full_while_writing
 
 from llmkit.bench import across_runs
 from llmkit.errors import LLMKitError
@@ -94,3 +95,43 @@ def test_runs_of_the_same_benchmark_merge_into_their_median():
     assert merged["none"]["decode_tokens_per_s"] == 180.0 and merged["none"]["time"] == "t3"  # the median run itself
     assert merged["none"]["runs"] == 3 and merged["none"]["decode_tokens_per_s_range"] == (150.0, 190.0)
     assert merged["int8wo"]["runs"] == 1
+
+
+# A disk that fills up while the sweep writes one of its outputs: the previous file stays whole and no temporary
+# file is left beside it. One test per place sweep.py writes through llmkit.files' atomic writer.
+
+
+@pytest.mark.parametrize("name", ["roofline.png", "decode.png", "summary.md"])
+def test_a_full_disk_while_summarizing_keeps_the_previous_file(tmp_path, tiny_folder, monkeypatch, name):
+    """summarize() draws the charts (save_figure) and writes summary.md (write_text)."""
+    from llmkit import bench, sweep
+
+    bench.bench(str(tiny_folder), prompt_len=4, new_tokens=4, repeats=1, out=tmp_path / "run.jsonl")
+    runs = [{"run": "run", "status": "ok"}]
+    sweep.summarize(tmp_path, runs)
+    previous = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(previous) == {"run.jsonl", "roofline.png", "decode.png", "summary.md"}
+    disk_full_while_writing(monkeypatch, sweep, name)
+    with pytest.raises(LLMKitError, match=f"cannot write .*{name}"):
+        sweep.summarize(tmp_path, [{"run": "run", "status": "failed", "error": "a later run"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(previous)
+    assert (tmp_path / name).read_bytes() == previous[name]
+
+
+def test_a_full_disk_while_recording_the_runs_keeps_the_previous_record(tmp_path, monkeypatch):
+    """run_sweep writes runs.json after each run (here one papermill refuses at once: its kernel does not exist)."""
+    import nbformat
+
+    from llmkit import sweep
+
+    notebook = tmp_path / "n.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "no-such-kernel", "language": "python",
+                                                                     "display_name": "none"}}), notebook)  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "notebook": str(notebook), "grid": {"n": [1]}}))
+    (tmp_path / "results" / "s").mkdir(parents=True)
+    (tmp_path / "results" / "s" / "runs.json").write_text("the previous sweep's runs")
+    disk_full_while_writing(monkeypatch, sweep, "runs.json")
+    with pytest.raises(LLMKitError, match="cannot write .*runs.json"):
+        sweep.run_sweep(tmp_path / "s.yaml", tmp_path / "results")
+    assert sorted(p.name for p in (tmp_path / "results" / "s").iterdir()) == ["n-1.ipynb", "runs.json"]
+    assert (tmp_path / "results" / "s" / "runs.json").read_text() == "the previous sweep's runs"
