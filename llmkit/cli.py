@@ -192,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from llmkit.train import TrainConfig, make_model, prepare_corpus
 
     if args.stage == "prepare":
-        print(json.dumps(prepare_corpus(args.work, args.vocab_size, args.tokenizer_path), indent=2))
+        print(json.dumps(prepare_corpus(args.work, args.vocab_size, args.tokenizer_path, args.force), indent=2))
         return
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     command = "llmkit " + " ".join(args.argv)
@@ -210,7 +210,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, default=Path(".gpu"), help="prepare's output folder")
     p.add_argument("--data", type=Path, default=None, help="train from a prepared folder")
     p.add_argument("--out", type=Path, default=Path("data/pydoc-lm"), help="model folder to write")
-    p.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
+    p.add_argument("--force", action="store_true", help="replace --out (or prepare's --work corpus) if it exists")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer-path", type=Path, default=None,

@@ -82,12 +82,16 @@ def train_tokenizer(text: str, path: Path, vocab_size: int = 4096) -> Path:
     return write_file_atomically(path, lambda tmp: Path(tmp).write_bytes(model.getvalue()))
 
 
-def prepare_corpus(work: Path, vocab_size: int = 4096, tokenizer_path: Path | None = None) -> dict:
+def prepare_corpus(work: Path, vocab_size: int = 4096, tokenizer_path: Path | None = None,
+                   force: bool = False) -> dict:  # fmt: skip
     """Build the corpus, train the tokenizer on the training split and save both splits as token ids.
 
     With `tokenizer_path` that SentencePiece model is used instead of a new one: a draft model for speculative
     decoding must share its target's tokens, whichever Python builds its corpus.
     """
+    if (work / "corpus.json").exists() and not force:  # a corpus prepared before, maybe with other settings
+        raise LLMKitError(f"{work} already holds a prepared corpus; choose another folder or pass --force "
+                          "(force=True) to replace it")  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
     train_docs, heldout_docs = data.split(data.build_corpus())
     if tokenizer_path is None:
@@ -330,8 +334,10 @@ def write_model(model: Transformer, work: Path, out: Path, stats: dict, cfg: Tra
     return write_folder_atomically(out, fill)
 
 
-def train_from(work: Path, out: Path, preset: str, cfg: TrainConfig, command: str) -> dict:
-    """Stage 2: train on prepared token ids, measure held-out perplexity and write the model folder."""
+def train_from(work: Path, out: Path, preset: str, cfg: TrainConfig, command: str, force: bool = False) -> dict:
+    """Stage 2: train on prepared token ids, measure held-out perplexity and write the model folder, which may
+    replace an existing one only with `force` (refused before training)."""
+    check_output_path(out, force, folder=True)
     stats = json.loads((work / "corpus.json").read_text())
     args = dataclasses.replace(PRESETS[preset], vocab_size=stats["vocab_size"])
     train_ids, heldout_ids = np.load(work / "train.npy"), np.load(work / "heldout.npy")
@@ -357,4 +363,4 @@ def make_model(out: Path, preset: str, cfg: TrainConfig, vocab_size: int, comman
         work = prepared or Path(scratch)
         if prepared is None:
             prepare_corpus(work, vocab_size, tokenizer_path)
-        return train_from(work, out, preset, cfg, command)
+        return train_from(work, out, preset, cfg, command, force)

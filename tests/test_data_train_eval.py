@@ -236,9 +236,27 @@ def test_a_full_disk_while_preparing_keeps_the_previous_file(prepared, tmp_path,
         (tmp_path / n).write_text(text)
     disk_full_while_writing(monkeypatch, train, name)
     with pytest.raises(LLMKitError, match=f"cannot write .*{name}"):
-        prepare_corpus(tmp_path, tokenizer_path=prepared / "tokenizer.model")
+        prepare_corpus(tmp_path, tokenizer_path=prepared / "tokenizer.model", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(previous)
     assert (tmp_path / name).read_text() == previous[name]
+
+
+def test_a_prepared_corpus_or_a_model_is_replaced_only_with_force(prepared, tmp_path, capsys):
+    """`train prepare --work W` over W's earlier corpus, and `train_from` (the API chapter A1 calls) over an
+    existing model folder: one line naming --force (force=True), before any work, nothing changed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "corpus.json").write_text("the user's corpus")
+    assert main(["train", "prepare", "--work", str(work)]) == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert "already holds a prepared corpus" in error and "--force" in error, error
+    assert [p.name for p in work.iterdir()] == ["corpus.json"]
+    assert (work / "corpus.json").read_text() == "the user's corpus"
+    out = tmp_path / "model"
+    out.mkdir()
+    with pytest.raises(LLMKitError, match="already exists.*force=True"):
+        train.train_from(prepared, out, "tiny", TrainConfig(steps=1), "test")
+    assert list(out.iterdir()) == []
 
 
 def shipped_python() -> str:
