@@ -105,34 +105,44 @@ def batch_sizes(max_batch_size: int) -> list[int]:
 
 
 def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, Tensor], Tensor]:
-    """A serving engine's decode step (tokens and positions [B, 1]) compiled for each of `batch_sizes`, as vLLM
-    captures its CUDA graphs: B rows run padded to the next size, each size one static graph (on a GPU, one
-    CUDA graph replay). Call after the engine has set up the model's cache of max_batch_size rows.
+    """A serving engine's decode step (tokens and positions [B, 1]), compiled twice: one row as `compile`'s
+    decode step (tuned, one-row products as loops), and more rows as one graph whose batch size is dynamic.
+    On a GPU each of `batch_sizes` is recorded as a CUDA graph, as vLLM captures them, and B rows run padded to
+    the next size. Call after the engine has set up the model's cache of max_batch_size rows.
 
     A padding row decodes token 0 at position 0 of a cache row no request holds; a request that takes that row
     later writes its prompt there before reading it.
     """
     model, device = llm.model, llm.device
-    sizes, steps, options = batch_sizes(max_batch_size), {}, _options(model, device)
+    sizes, graphs = batch_sizes(max_batch_size), {}
+    # tuning is per graph and takes minutes on a GPU: it pays for the one-row step, whose products inductor
+    # writes itself; a batch's products are matmuls (cuBLAS, or BLAS on a CPU) in a dynamic graph
+    one = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=_options(model, device))
+    many_options = {k: v for k, v in _options(model, device).items() if k != "coordinate_descent_tuning"}
+    many = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=many_options)
+    warm = sizes if device.type == "cuda" else sizes[:2]  # a CPU runs each batch as it is: nothing to record
     with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
-        for size in tqdm(sizes, desc="compiling the decode step", unit="batch size"):
-            # a function of its own per size: dynamo's limit of 8 graphs per function would end in eager
-            fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=options)
+        for size in tqdm(warm, desc="compiling the decode step", unit="batch size"):
             tokens = torch.zeros(size, 1, dtype=torch.long, device=device)
             positions = torch.zeros(size, 1, dtype=torch.long, device=device)
+            if size > 1:  # dynamo would otherwise compile a graph per size
+                for t in (tokens, positions):
+                    torch._dynamo.mark_dynamic(t, 0, min=2, max=max_batch_size)
+            fn = partial(one if size == 1 else many, model)
             for _ in range(2):  # compile and tune, then run once more
-                fn(model, tokens, positions)
-            steps[size] = partial(fn, model)
+                fn(tokens, positions)
             if device.type == "cuda":
-                steps[size] = _record_cuda_graph(steps[size], tokens, positions)
+                graphs[size] = _record_cuda_graph(fn, tokens, positions)
 
     def decode(tokens: Tensor, positions: Tensor) -> Tensor:
         rows = tokens.shape[0]
+        if device.type != "cuda":
+            return (one if rows == 1 else many)(model, tokens, positions)
         size = next(s for s in sizes if s >= rows)
         if size > rows:
             tokens = torch.cat([tokens, tokens.new_zeros(size - rows, 1)])
             positions = torch.cat([positions, positions.new_zeros(size - rows, 1)])
-        return steps[size](tokens, positions)[:rows]
+        return graphs[size](tokens, positions)[:rows]
 
     return decode
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM, StreamDecoder
-from llmkit.sampling import check_sampling, sample
+from llmkit.sampling import check_finite, check_sampling, sample
 
 
 class QueueFull(Exception):
@@ -186,22 +186,30 @@ class Engine:
         device = self.llm.device
         tokens = torch.tensor([request.prompt_ids], device=device)
         logits = self.model(tokens, torch.arange(tokens.shape[1], device=device)[None])
-        self._take(request, logits[0, -1])
+        vocab = self.llm.tokenizer.vocab_size
+        self._take(request, sample(logits[0, -1, :vocab], request.temperature, request.top_k, request.top_p,
+                                   request.rng))  # fmt: skip
 
     def _decode(self) -> None:
         device = self.llm.device
         tokens = torch.tensor([[r.tokens[-1]] for r in self.active], device=device)
         positions = torch.tensor(self.positions, device=device)[:, None]
-        logits = self.decode_step(tokens, positions)[:, -1].cpu()  # one copy from a GPU, then each row samples
+        # ids past the tokenizer's (a padded vocabulary) have no text
+        logits = self.decode_step(tokens, positions)[:, -1, : self.llm.tokenizer.vocab_size]
+        # checked and argmax-ed on the device for every row at once (on a CPU, one row of a 128k vocabulary takes
+        # a millisecond); only rows that draw at a temperature are copied out, for their requests' generators
+        check_finite(logits)
+        greedy = logits.argmax(-1).tolist()
+        drawn = [i for i, r in enumerate(self.active) if r.temperature > 0]
+        rows = dict(zip(drawn, logits[drawn].cpu(), strict=True)) if drawn else {}
         for i in range(len(self.active)):
             self.positions[i] += 1
-        for request, row in zip(list(self.active), logits, strict=True):
-            self._take(request, row)
+        for i, request in enumerate(list(self.active)):
+            self._take(request, sample(rows[i], request.temperature, request.top_k, request.top_p, request.rng)
+                       if i in rows else greedy[i])  # fmt: skip
 
-    def _take(self, request: Request, logits: Tensor) -> None:
-        """Sample the request's next token with its own options and generator, as `LLM.generate` does."""
-        vocab = self.llm.tokenizer.vocab_size  # ids past the tokenizer's (a padded vocabulary) have no text
-        token = sample(logits[:vocab], request.temperature, request.top_k, request.top_p, request.rng)
+    def _take(self, request: Request, token: int) -> None:
+        """Record the request's next token (drawn with its own options and generator, as `LLM.generate` does)."""
         if token in self.eos and not request.ignore_eos:
             return self._finish(request, "stop")
         request.tokens.append(token)

@@ -42,11 +42,15 @@ def probabilities(logits: Tensor, temperature: float, top_k: int | None = None, 
     return probs
 
 
-def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, rng: torch.Generator) -> int:
-    """Pick the next token from one row of logits: greedy at temperature 0, else drawn from `probabilities`."""
+def check_finite(logits: Tensor) -> None:
     if not torch.isfinite(logits).all():
         raise LLMKitError("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
                           "check the checkpoint, or load it in float32")  # fmt: skip
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, rng: torch.Generator) -> int:
+    """Pick the next token from one row of logits: greedy at temperature 0, else drawn from `probabilities`."""
+    check_finite(logits)
     if temperature == 0:
         return int(logits.argmax())
     return int(torch.multinomial(probabilities(logits.cpu(), temperature, top_k, top_p), 1, generator=rng))
