@@ -2,9 +2,10 @@
 
 The KV cache holds `max_batch_size` rows. The active requests always sit in its first rows, in order, so a decode
 step is the model on the first B rows (`input_pos` [B, 1], each row's own position): a view of the cache, no
-gather. A new request takes row 0 (its occupant moves to the first free row) and is prefilled there alone; a
-finished or cancelled one leaves at once, the last row moving into its place. Moving a row copies one request's
-cache, which is small next to the weights every step reads.
+gather. Arriving requests take the first rows (their occupants move to free rows) and are prefilled there
+together, in one forward of their prompts padded to the longest; a finished or cancelled one leaves at once, the
+last row moving into its place. Moving a row copies one request's cache, which is small next to the weights
+every step reads.
 
 Each request keeps its own sampling options and random generator, seeded as `LLM.generate` seeds its own, so a
 seeded request gets the same tokens alone or batched. Requests wait in a bounded queue (`QueueFull` when full).
@@ -26,6 +27,8 @@ from torch import Tensor
 from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM, StreamDecoder
 from llmkit.sampling import check_finite, check_sampling, sample
+
+PREFILL_TOKENS = 4096  # a step prefills arriving prompts together up to this many positions (padded), or one
 
 
 class QueueFull(Exception):
@@ -151,15 +154,22 @@ class Engine:
         """Leave out cancelled requests, prefill waiting ones into free rows, then decode every active row once."""
         for request in [r for r in self.active if r.cancelled]:
             self._finish(request, "cancelled")
-        while len(self.active) < self.max_batch_size:
-            with self.wake:
-                if not self.queue:
+        arriving, cancelled, longest = [], [], 0
+        with self.wake:  # as many as there are free rows, within the prefill's token budget
+            while self.queue and len(self.active) + len(arriving) < self.max_batch_size:
+                length = max(longest, len(self.queue[0].prompt_ids))
+                if arriving and length * (len(arriving) + 1) > PREFILL_TOKENS:
                     break
                 request = self.queue.popleft()
-            if request.cancelled:
-                self._finish(request, "cancelled")
-            else:
-                self._guarded(partial(self._admit, request), [request])
+                if request.cancelled:
+                    cancelled.append(request)
+                else:
+                    arriving.append(request)
+                    longest = length
+        for request in cancelled:
+            self._finish(request, "cancelled")
+        if arriving:
+            self._guarded(partial(self._admit, arriving), arriving)
         if self.active:
             self._guarded(self._decode, list(self.active))
             self.steps += 1
@@ -173,22 +183,22 @@ class Engine:
             for request in requests:
                 self._finish(request, "error", f"the model failed: {first_line(e)}")
 
-    def _admit(self, request: Request) -> None:
-        """Prefill the request in row 0 (moving row 0's request to the first free row) and take its first token."""
-        b = len(self.active)
-        if b:
-            self._move_row(0, b)
-            self.active.append(self.active[0])
-            self.positions.append(self.positions[0])
-            self.active[0], self.positions[0] = request, len(request.prompt_ids)
-        else:
-            self.active, self.positions = [request], [len(request.prompt_ids)]
-        device = self.llm.device
-        tokens = torch.tensor([request.prompt_ids], device=device)
-        logits = self.model(tokens, torch.arange(tokens.shape[1], device=device)[None])
-        vocab = self.llm.tokenizer.vocab_size
-        self._take(request, sample(logits[0, -1, :vocab], request.temperature, request.top_k, request.top_p,
-                                   request.rng))  # fmt: skip
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill arriving requests together in the first rows, each row's prompt padded to the longest, and take
+        each one's first token. Padding writes the cache past a prompt's end, where its decode writes before it
+        reads."""
+        n, b = len(requests), len(self.active)
+        for j in range(min(n, b)):  # running requests in rows the newcomers take move to free rows
+            self._move_row(j, max(n, b) + j)
+        lengths = [len(r.prompt_ids) for r in requests]
+        self.active = [*requests, *self.active[n:], *self.active[:n]]
+        self.positions = [*lengths, *self.positions[n:], *self.positions[:n]]
+        device, longest = self.llm.device, max(lengths)
+        tokens = torch.tensor([r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in requests], device=device)
+        logits = self.model(tokens, torch.arange(longest, device=device).expand(n, longest))
+        last = logits[torch.arange(n), torch.tensor(lengths) - 1, : self.llm.tokenizer.vocab_size]
+        for request, row in zip(requests, last, strict=True):
+            self._take(request, sample(row, request.temperature, request.top_k, request.top_p, request.rng))
 
     def _decode(self) -> None:
         device = self.llm.device

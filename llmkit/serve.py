@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 
@@ -139,6 +140,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
                 yield event(reply.chunk(None, first=True, with_usage=include_usage))
             while True:
                 update = await updates.get()
+                while not updates.empty() and not update.finish_reason:  # behind the engine: one event for all
+                    later = updates.get_nowait()
+                    update = replace(later, text=update.text + later.text)
                 try:
                     check_finished(update)
                 except api.ApiError as e:

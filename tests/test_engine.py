@@ -34,7 +34,11 @@ def test_eight_greedy_requests_batched_equal_each_alone(tiny_folder, engine):
     lengths = [30, 5, 17, 40, 1, 23, 12, 8]
     alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, lengths, strict=True)]
     requests = [Request(reference.encode_prompt(p), n, temperature=0) for p, n in zip(PROMPTS, lengths, strict=True)]
+    prefills = []
+    engine.model.register_forward_pre_hook(lambda _, args: prefills.append(args[0].shape) if args[0].shape[1] > 1
+                                           else None)  # fmt: skip
     run_to_completion(engine, requests)  # 8 requests through 4 rows: they join and leave between steps
+    assert prefills[0] == (4, max(len(r.prompt_ids) for r in requests[:4]))  # the first four in one forward, padded
     assert [r.tokens for r in requests] == [a.tokens for a in alone]
     assert [r.text for r in requests] == [a.text for a in alone]
     assert engine.load()["active"] == 0 and engine.steps < sum(lengths)  # batched: fewer steps than tokens
