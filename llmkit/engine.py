@@ -28,6 +28,7 @@ from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM, StreamDecoder
 from llmkit.sampling import check_finite, check_sampling, sample
 
+CACHE_BLOCK = 256  # eager steps attend to the cache's first positions in use, rounded up to a multiple of this
 PREFILL_TOKENS = 4096  # a step prefills arriving prompts together up to this many positions (padded), or one
 
 
@@ -195,7 +196,8 @@ class Engine:
         self.positions = [*lengths, *self.positions[n:], *self.positions[:n]]
         device, longest = self.llm.device, max(lengths)
         tokens = torch.tensor([r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in requests], device=device)
-        logits = self.model(tokens, torch.arange(longest, device=device).expand(n, longest))
+        logits = self.model(tokens, torch.arange(longest, device=device).expand(n, longest),
+                            cache_len=self._cache_len(longest))  # fmt: skip
         last = logits[torch.arange(n), torch.tensor(lengths) - 1, : self.llm.tokenizer.vocab_size]
         for request, row in zip(requests, last, strict=True):
             self._take(request, sample(row, request.temperature, request.top_k, request.top_p, request.rng))
@@ -204,8 +206,11 @@ class Engine:
         device = self.llm.device
         tokens = torch.tensor([[r.tokens[-1]] for r in self.active], device=device)
         positions = torch.tensor(self.positions, device=device)[:, None]
-        # ids past the tokenizer's (a padded vocabulary) have no text
-        logits = self.decode_step(tokens, positions)[:, -1, : self.llm.tokenizer.vocab_size]
+        if self.decode_step is self.model:  # eager: attend to the part of the cache in use
+            logits = self.model(tokens, positions, cache_len=self._cache_len(max(self.positions) + 1))
+        else:  # a compiled step's shapes are fixed: the whole cache
+            logits = self.decode_step(tokens, positions)
+        logits = logits[:, -1, : self.llm.tokenizer.vocab_size]  # ids past the tokenizer's have no text
         # checked and argmax-ed on the device for every row at once (on a CPU, one row of a 128k vocabulary takes
         # a millisecond); only rows that draw at a temperature are copied out, for their requests' generators
         check_finite(logits)
@@ -217,6 +222,10 @@ class Engine:
         for i, request in enumerate(list(self.active)):
             self._take(request, sample(rows[i], request.temperature, request.top_k, request.top_p, request.rng)
                        if i in rows else greedy[i])  # fmt: skip
+
+    def _cache_len(self, used: int) -> int:
+        """The cache positions a step attends to: those in use, rounded up to a multiple of CACHE_BLOCK."""
+        return min(-(-used // CACHE_BLOCK) * CACHE_BLOCK, self.model.args.max_seq_len)
 
     def _take(self, request: Request, token: int) -> None:
         """Record the request's next token (drawn with its own options and generator, as `LLM.generate` does)."""

@@ -159,6 +159,8 @@ class Attention(nn.Module):
         if input_pos is not None:  # decoding: attend to the whole cache, masked to the past
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
+            if mask.shape[-1] < k.shape[2]:  # a mask cut to the cache's first positions (`cache_len`)
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
@@ -211,7 +213,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.setup_buffers()
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache_len: int | None = None) -> Tensor:
         """Logits [B, T, vocab] for tokens [B, T].
 
         With `input_pos` (a LongTensor) keys and values go into the KV cache and each token attends to
@@ -219,6 +221,8 @@ class Transformer(nn.Module):
         at the same positions; [B, T] gives each row its own, so one decode step can run requests of
         different lengths together (continuous batching, llmkit.engine).
         Without it the sequence is scored on its own, causally, with no cache (training, perplexity).
+        `cache_len` (above every position in `input_pos`) has the tokens attend to the cache's first positions
+        only, not all max_seq_len of them: a server's requests use a small part of the context.
         """
         T = tokens.shape[1]
         if input_pos is None:
@@ -226,6 +230,7 @@ class Transformer(nn.Module):
         else:
             # [T, D] and [T, S], or per row [B, T, D] and [B, T, S]: each needs a head dimension before T
             cos, sin, mask = self.rope_cos[input_pos], self.rope_sin[input_pos], self.causal_mask[input_pos]
+            mask = mask if cache_len is None else mask[..., :cache_len]
             if input_pos.dim() == 2:
                 cos, sin, mask = cos[:, None], sin[:, None], mask[:, None]
             else:

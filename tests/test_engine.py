@@ -25,11 +25,16 @@ def test_a_batched_forward_with_its_own_positions_per_row_equals_each_row_alone(
         model.setup_buffers(max_batch_size=2)
         model(a[:, :2], torch.arange(2)[None])  # a one-row batch writes the cache's row 0 only
         logits = model(torch.tensor([[11, 3], [8, 2]]), torch.tensor([[2, 3], [0, 1]]))[:, -1]
+        # attending to the cache's first 4 positions only (the rows use 0..3): the same logits
+        window = model(torch.tensor([[11, 3], [8, 2]]), torch.tensor([[2, 3], [0, 1]]), cache_len=4)[:, -1]
     torch.testing.assert_close(logits[0], alone[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits[1], alone[1], rtol=1e-5, atol=1e-5)
+    assert model.args.max_seq_len > 4
+    torch.testing.assert_close(window, logits, rtol=1e-5, atol=1e-5)
 
 
-def test_eight_greedy_requests_batched_equal_each_alone(tiny_folder, engine):
+def test_eight_greedy_requests_batched_equal_each_alone(tiny_folder, engine, monkeypatch):
+    monkeypatch.setattr("llmkit.engine.CACHE_BLOCK", 8)  # steps attend to windows of 8, 16, ... cache positions
     reference = llmkit.load(tiny_folder)
     lengths = [30, 5, 17, 40, 1, 23, 12, 8]
     alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, lengths, strict=True)]
