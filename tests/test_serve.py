@@ -15,7 +15,7 @@ import pytest
 import llmkit
 from llmkit.chat import chat
 from llmkit.cli import build_parser, main
-from llmkit.serve import ServerProcess
+from llmkit.serve import ServerProcess, listening_socket
 
 KEY = "test-key-5e1f"
 PROMPTS = ["the model reads", "the text number 12 and", "writes", "the model reads the text number 7",
@@ -258,6 +258,27 @@ def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(narrow_server):
 
 
 # ---- the command line -------------------------------------------------------------------------------------------
+
+
+def test_the_servers_connections_send_each_event_at_once():
+    """Connections accepted on the server's socket, by asyncio as uvicorn accepts them, have Nagle's algorithm off:
+    with it on, a streamed event waits for the client's delayed acknowledgement of the one before."""
+
+    async def accept_one() -> int:
+        sock = listening_socket("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        async with await asyncio.start_server(handle, sock=sock):
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            nodelay = await asyncio.wait_for(seen, 10)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(accept_one()) == 1
 
 
 def test_serve_listens_on_this_machine_only_by_default():
