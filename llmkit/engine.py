@@ -28,7 +28,7 @@ from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM, StreamDecoder
 from llmkit.sampling import check_finite, check_sampling, sample
 
-CACHE_BLOCK = 256  # eager steps attend to the cache's first positions in use, rounded up to a multiple of this
+CACHE_BLOCK = 256  # steps attend to the cache's first positions in use, rounded up to a multiple of this
 PREFILL_TOKENS = 4096  # a step prefills arriving prompts together up to this many positions (padded), or one
 
 
@@ -89,8 +89,8 @@ class Engine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.model.setup_buffers(max_batch_size)  # the engine owns the model's cache from now on
         self.caches = [layer.attention.kv_cache for layer in self.model.layers]
-        # tokens and positions [B, 1] -> logits: the model, or its compiled step (`compile_batched_decode`)
-        self.decode_step: Callable[[Tensor, Tensor], Tensor] = self.model
+        # tokens and positions [B, 1], cache positions in use -> logits: the model, or `compile_batched_decode`'s
+        self.decode_step: Callable[..., Tensor] = self.model
         self.eos = set(llm.tokenizer.eos_ids)
         self.active: list[Request] = []  # row i of the cache is active[i]
         self.positions: list[int] = []  # where each row's next token goes
@@ -206,10 +206,7 @@ class Engine:
         device = self.llm.device
         tokens = torch.tensor([[r.tokens[-1]] for r in self.active], device=device)
         positions = torch.tensor(self.positions, device=device)[:, None]
-        if self.decode_step is self.model:  # eager: attend to the part of the cache in use
-            logits = self.model(tokens, positions, cache_len=self._cache_len(max(self.positions) + 1))
-        else:  # a compiled step's shapes are fixed: the whole cache
-            logits = self.decode_step(tokens, positions)
+        logits = self.decode_step(tokens, positions, cache_len=self._cache_len(max(self.positions) + 1))
         logits = logits[:, -1, : self.llm.tokenizer.vocab_size]  # ids past the tokenizer's have no text
         # checked and argmax-ed on the device for every row at once (on a CPU, one row of a 128k vocabulary takes
         # a millisecond); only rows that draw at a temperature are copied out, for their requests' generators

@@ -49,9 +49,10 @@ def test_eight_greedy_requests_batched_equal_each_alone(tiny_folder, engine, mon
     assert engine.load()["active"] == 0 and engine.steps < sum(lengths)  # batched: fewer steps than tokens
 
 
-def test_the_compiled_step_padded_to_its_batch_sizes_gives_the_eager_tokens(tiny_folder, engine):
-    """`serve --compile`: batches of 3 run padded to the compiled size 4, then 2 and 1 as requests finish; every
-    request gets the tokens it gets alone, eager (greedy over logits within float32 rounding of eager's)."""
+def test_the_compiled_step_gives_the_eager_tokens(tiny_folder, engine):
+    """`serve --compile` on a CPU: batches of 3, then 2 (eager, over the cache in use), then 1 (compiled) as
+    requests finish; every request gets the tokens it gets alone, eager (greedy over logits within float32 rounding
+    of eager's). The GPU's padded CUDA graphs: tests/test_gpu.py."""
     from llmkit.compile import batch_sizes, compile_batched_decode
 
     assert batch_sizes(4) == [1, 2, 4] and batch_sizes(6) == [1, 2, 4, 6] and batch_sizes(1) == [1]
