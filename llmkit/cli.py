@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get a 503")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
-    p.add_argument("--compile", action="store_true", help="compile the decode step for batch sizes 1, 2, 4, ... max")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-row decode step (on a GPU batches too: CUDA graphs of 1, 2, 4, ... max rows)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="measure llmkit serve under 1 to 32 concurrent streaming clients")
