@@ -17,9 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tp_worker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# Compiling the default model split in two adds about 45 s on two cores: CI compiles the small model only (the same
-# code path); LLMKIT_TP_FULL=1 adds it.
-RUNS = ["default", "gqa", "gqa-compile"] + (["default-compile"] if os.environ.get("LLMKIT_TP_FULL") else [])
+RUNS = ["default", "gqa", "gqa-compile", "default-compile"]
 
 
 @pytest.fixture(scope="module")
