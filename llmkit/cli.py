@@ -133,11 +133,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise LLMKitError(f"--port must be 0 to 65535, not {args.port}")
     llm = load_from_args(args)
-    engine = Engine(llm, args.max_batch_size, args.max_queue)
+    if args.tp > 1:  # every rank makes rank 0's model calls; rank 0 alone serves
+        from llmkit.engine_tp import MirroredEngine, follow
+
+        engine = MirroredEngine(llm, args.max_batch_size, args.max_queue)
+    else:
+        engine = Engine(llm, args.max_batch_size, args.max_queue)
     if args.compile:
         from llmkit.compile import compile_batched_decode
 
         engine.decode_step = compile_batched_decode(llm, args.max_batch_size)
+    if args.tp > 1 and distributed.rank() != 0:
+        return follow(engine)
     serve(engine, args.host, args.port, args.api_key,
           on_ready=lambda url: print(f"serving {llm.name} on {url} (up to {args.max_batch_size} requests at once); "
                                      "Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True))  # fmt: skip

@@ -127,7 +127,7 @@ def with_draft(llm: LLM, args: argparse.Namespace) -> LLM:
 
 def check_tp(args: argparse.Namespace) -> None:
     """What --tp cannot do, said before the processes start; the ranks check the split of what this can't read."""
-    if args.command in ("serve", "export"):
+    if args.command == "export":
         raise LLMKitError(f"--tp is not supported by {args.command} yet; run it on one device")
     if getattr(args, "quantize", None) not in (None, ["none"]):  # bench takes a list of schemes
         raise LLMKitError(distributed.QUANTIZE_LIMITATION)

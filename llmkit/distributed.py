@@ -16,9 +16,10 @@ with DTensor's tensor-parallel API); `model.py` knows nothing of it. Each of the
 So each layer costs two all-reduces of one [B, T, dim] activation, and every rank ends a step with the same logits
 and samples the same token (from one seed, `shared_seed`).
 
-`launch` starts N copies of a command with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...), so the user
-needn't type torchrun; `init` joins a process to its group (NCCL on GPUs, gloo on the CPU), so
-`torchrun --nproc-per-node N -m llmkit ... --tp N` works too.
+A server split this way runs its engine on rank 0 and has the other ranks repeat its model calls
+(llmkit.engine_tp). `launch` starts N copies of a command with torchrun's environment (RANK, WORLD_SIZE,
+MASTER_ADDR...), so the user needn't type torchrun; `init` joins a process to its group (NCCL on GPUs, gloo on the
+CPU), so `torchrun --nproc-per-node N -m llmkit ... --tp N` works too.
 """
 
 import os
@@ -229,6 +230,8 @@ def launch(command: Sequence[str], nprocs: int, poll_s: float = 0.05, grace_s: f
     env = {**os.environ, "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}  # fmt: skip
     procs = []
+    # SIGTERM goes to rank 0, which stops as it would alone (a server finishes its requests) and tells the others
+    previous = signal.signal(signal.SIGTERM, lambda *_: procs[0].send_signal(signal.SIGTERM) if procs else None)
     try:
         for r in range(nprocs):
             env_r = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
@@ -245,6 +248,7 @@ def launch(command: Sequence[str], nprocs: int, poll_s: float = 0.05, grace_s: f
                 break
             time.sleep(poll_s)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         _stop(procs, grace_s)
     if not failed:
         for log in logs.iterdir():

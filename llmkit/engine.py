@@ -196,8 +196,8 @@ class Engine:
         self.positions = [*lengths, *self.positions[n:], *self.positions[:n]]
         device, longest = self.llm.device, max(lengths)
         tokens = torch.tensor([r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in requests], device=device)
-        logits = self.model(tokens, torch.arange(longest, device=device).expand(n, longest),
-                            cache_len=self._cache_len(longest))  # fmt: skip
+        logits = self._forward(tokens, torch.arange(longest, device=device).expand(n, longest),
+                               self._cache_len(longest), decode=False)  # fmt: skip
         last = logits[torch.arange(n), torch.tensor(lengths) - 1, : self.llm.tokenizer.vocab_size]
         for request, row in zip(requests, last, strict=True):
             self._take(request, sample(row, request.temperature, request.top_k, request.top_p, request.rng))
@@ -206,7 +206,7 @@ class Engine:
         device = self.llm.device
         tokens = torch.tensor([[r.tokens[-1]] for r in self.active], device=device)
         positions = torch.tensor(self.positions, device=device)[:, None]
-        logits = self.decode_step(tokens, positions, cache_len=self._cache_len(max(self.positions) + 1))
+        logits = self._forward(tokens, positions, self._cache_len(max(self.positions) + 1), decode=True)
         logits = logits[:, -1, : self.llm.tokenizer.vocab_size]  # ids past the tokenizer's have no text
         # checked and argmax-ed on the device for every row at once (on a CPU, one row of a 128k vocabulary takes
         # a millisecond); only rows that draw at a temperature are copied out, for their requests' generators
@@ -219,6 +219,11 @@ class Engine:
         for i, request in enumerate(list(self.active)):
             self._take(request, sample(rows[i], request.temperature, request.top_k, request.top_p, request.rng)
                        if i in rows else greedy[i])  # fmt: skip
+
+    def _forward(self, tokens: Tensor, positions: Tensor, cache_len: int, decode: bool) -> Tensor:
+        """The model on the cache's first rows: a prefill, or one decode step (compiled when `decode_step` is)."""
+        step = self.decode_step if decode else self.model
+        return step(tokens, positions, cache_len=cache_len)
 
     def _cache_len(self, used: int) -> int:
         """The cache positions a step attends to: those in use, rounded up to a multiple of CACHE_BLOCK."""

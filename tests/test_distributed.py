@@ -56,11 +56,38 @@ def test_generate_tp_2_prints_the_text_of_one_process():
     assert len(one.stdout) > len("The built-in function") + 20
 
 
+def test_serve_tp_2_replies_as_one_process_and_stops_on_sigterm(tmp_path):
+    """`llmkit serve --tp 2`: rank 0 serves and both ranks make each model call; concurrent greedy requests (batched,
+    prefilled together) get one process's text, and SIGTERM stops both ranks with status 0."""
+    import asyncio
+
+    import openai
+
+    import llmkit
+    from llmkit.serve import ServerProcess
+
+    prompts, lengths = ["The built-in function", "A list is", "Raises ValueError if"], [20, 7, 13]
+    reference = llmkit.load("default", max_seq_len=64)
+    alone = [reference.generate(p, max_new_tokens=n, temperature=0).text for p, n in zip(prompts, lengths, strict=True)]
+    log = tmp_path / "server.log"
+    with ServerProcess(["--tp", "2", "--max-batch-size", "4", "--max-seq-len", "64"], log=log) as server:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        model = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none").models.list().data[0].id
+
+        async def all_at_once():
+            return await asyncio.gather(*(client.completions.create(model=model, prompt=p, max_tokens=n, temperature=0)
+                                          for p, n in zip(prompts, lengths, strict=True)))  # fmt: skip
+
+        replies = asyncio.run(all_at_once())
+        assert [r.choices[0].text for r in replies] == alone, log.read_text()
+        assert server.stop() == 0, log.read_text()
+
+
 @pytest.mark.parametrize(("argv", "says"), [
     (["generate", "--tp", "3"], "--tp 3 does not split the model's 8 query heads and 2 key/value heads"),
     (["bench", "--shape", "stories15M", "--tp", "4"], "--tp 4 does not split the model's 6 query heads"),
     (["generate", "--tp", "2", "--quantize", "int8wo"], "pytorch/ao#988"),
-    (["serve", "--tp", "2"], "--tp is not supported by serve yet"),
+    (["export", "--tp", "2", "--output-pte-path", "m.pte"], "--tp is not supported by export yet"),
     (["generate", "--tp", "2", "--draft-checkpoint-path", "data/pydoc-lm-draft"], "--draft-checkpoint-path"),
 ])  # fmt: skip
 def test_bad_tp_fails_in_one_line_before_any_rank_starts(argv, says, capsys, monkeypatch):

@@ -13,7 +13,7 @@ LAYERS = [
     {"checkpoint", "gguf", "sampling", "generate", "loading", "engine", "speculative"},
     {"quantize", "quantized_files", "kernels", "quantized_linear", "evaluate", "chat", "hub", "distributed"},
     {"cpu_codegen", "graph_passes", "compile", "artifacts", "aoti", "executorch"},
-    {"openai_api", "serve"},
+    {"openai_api", "engine_tp", "serve"},
     {"bench", "serve_bench", "speculative_bench", "pte_bench", "sweep", "plots", "widgets", "train"},
     {"cli", "cli_model", "__main__", "__init__"},
 ]
