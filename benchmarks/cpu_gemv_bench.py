@@ -1,6 +1,6 @@
 """Time one-row (decode) products by a model's matrices on the CPU: float32 and int8 weight-only, library and ours.
 
-    python benchmarks/cpu_gemv_bench.py [--shape stories15M] [--threads 1 2] [--out data/benchmarks/cpu/gemv.jsonl]
+    python benchmarks/cpu_gemv_bench.py [--shape stories15M] [--threads 1 2] [--matrices output] [--out FILE]
 
 Each timing multiplies one row of activations by COPIES copies of a matrix (as a decode step reads each layer's
 matrix once, from memory or the last-level cache, not from a warm L1/L2), repeated, median of 7; microseconds
@@ -106,7 +106,7 @@ class Frozen(torch.nn.Module):
 def bench_matrix(n: int, k: int, threads: int) -> dict[str, float]:
     torch.manual_seed(0)
     copies = min(MAX_COPIES, max(1, COPIES_BYTES // (n * k)))
-    inner = max(1, 2000 // copies)
+    inner = max(2, 200_000_000 // (n * k * copies))  # about 200M weights per timing
     x = torch.randn(1, k)
     w = [torch.randn(n, k) * 0.02 for _ in range(copies)]
     scales = [wi.abs().amax(1) / 127 for wi in w]
@@ -151,6 +151,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="stories15M")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--matrices", nargs="+", default=None, help="only these (wqkv, wo, w1, w2, output)")
     p.add_argument("--out", type=Path, default=None, help="append the rows as JSON lines to this file")
     args = p.parse_args()
     command = "python benchmarks/cpu_gemv_bench.py " + shlex.join(sys.argv[1:])
@@ -158,6 +159,8 @@ def main() -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name, (n, k) in matrices(args.shape).items():
+            if args.matrices and name not in args.matrices:
+                continue
             times = bench_matrix(n, k, threads)
             row = {"command": command, "shape": args.shape, "matrix": name, "n": n, "k": k, "threads": threads,
                    "us_per_matrix": {w: round(t, 2) for w, t in times.items() if not w.endswith(("error", "cpu"))},
