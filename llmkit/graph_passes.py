@@ -38,6 +38,10 @@ class OneRowProductsAsLoops(CustomGraphPass):
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        # torch.export checks each cast's input dtype with a node that uses it: a second user, which keeps the
+        # pattern matcher from replacing the cast (the dtypes are the graph's own, fixed when it was traced)
+        for node in [n for n in graph.nodes if n.target == aten._assert_tensor_metadata.default]:
+            graph.erase_node(node)
         _int8_products.apply(graph)
         _one_row_products.apply(graph)
 
