@@ -2,8 +2,8 @@
 
 `torch.ops.llmkit_cpu.int8_weight_mm(x, q, scale)` computes x (q * scale[:, None])^T for float32 x [M, K],
 int8 q [N, K] and float32 scale [N], as ATen's `_weight_int8pack_mm` does. It exists because neither ATen's op
-nor inductor's code is fast at one row on an AVX2 CPU (csrc/cpu_kernels.cpp says why; notebook 08 and
-benchmarks/cpu_gemv_bench.py measure it). The source is compiled by `torch.utils.cpp_extension` the first
+nor inductor's code is fast at one row on an AVX2 CPU (csrc/cpu_kernels.cpp says why;
+benchmarks/cpu_gemv_bench.py measures each). The source is compiled by `torch.utils.cpp_extension` the first
 time a process needs it (about 40 s on 2 cores, then cached under ~/.cache/torch_extensions); `llmkit-run`
 compiles the same file in. Where no C++ compiler is found, `available()` says why and callers keep inductor's
 loops.

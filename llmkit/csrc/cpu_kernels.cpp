@@ -4,7 +4,8 @@
 // the signature and result of ATen's _weight_int8pack_mm. At one row a product of K weights is a chain of
 // multiply-adds: written with one accumulator per output row (inductor's loop) each add waits for the last
 // (4 cycles here), so a row of 8 weights takes that long. This kernel multiplies 4 rows at a time with 2
-// accumulators each: 8 independent chains, enough to keep both FMA units busy. AVX2 where the CPU has it
+// accumulators each: 8 independent chains. Where the weights come from memory rather than the L2 cache,
+// reading them is the limit and the two run at about the same speed (benchmarks/cpu_gemv_bench.py). AVX2 where the CPU has it
 // (chosen at run time), else a portable loop with the same 8 sums.
 
 #include <ATen/ATen.h>
