@@ -1,6 +1,6 @@
 """llmkit against llama2.c's run.c on one llama2.c file, at each thread count, as ratios measured in one run.
 
-    python benchmarks/runc_compare.py --llama2c PATH/TO/llama2.c [--threads 1 2] [--out results.jsonl]
+    python benchmarks/runc_compare.py --llama2c PATH/TO/llama2.c [--threads 1 2] [--schemes int8wo] [--out FILE]
 
 PATH is a checkout of github.com/karpathy/llama2.c (not vendored). The script builds run.c as its Makefile's
 `runomp` does (gcc -Ofast -fopenmp -march=native), writes a stories15M-shaped llama2.c file with random
@@ -72,6 +72,7 @@ def main() -> int:
     p.add_argument("--llama2c", type=Path, required=True, help="a checkout of karpathy/llama2.c")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--schemes", nargs="+", default=None, help="only llmkit's runs of these schemes (none, int8wo...)")
     p.add_argument("--out", type=Path, default=None, help="append the rows as JSON lines to this file")
     args = p.parse_args()
     if not (args.llama2c / "run.c").is_file() or not (args.llama2c / "tokenizer.bin").is_file():
@@ -94,7 +95,7 @@ def main() -> int:
                          "llama2c_commit": commit, "decode_tokens_per_s": runc, "repeats": args.repeats,
                          **environment(torch.device("cpu"))})  # fmt: skip
             ours = [bench_in_subprocess(model, scheme, path, threads, 1, STEPS - 2, args.repeats, workdir)
-                    for scheme, path in LLMKIT_RUNS]
+                    for scheme, path in LLMKIT_RUNS if args.schemes is None or scheme in args.schemes]
             print(f"\n{threads} thread(s): run.c {runc:.1f} tok/s\n{table(ours)}")
             for r in ours:
                 r["runc_tokens_per_s"], r["vs_runc"] = runc, r["decode_tokens_per_s"] / runc

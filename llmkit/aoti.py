@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from llmkit import cpu_kernels
 from llmkit.artifacts import check_targets, load_checked_tokenizer, package_metadata, write_with_tokenizer
 from llmkit.cpu_codegen import short_loads_in_one_instruction
 from llmkit.errors import LLMKitError, first_line
@@ -23,6 +24,7 @@ from llmkit.graph_passes import OneRowProductsAsLoops
 
 FORMAT_VERSION = "2"  # bump when the package layout or metadata changes; 2: prefill and decode models
 AOTI_MODELS = ("prefill", "decode")
+CPU_OP = "llmkit_cpu::"  # how a package's list of operators it calls names llmkit's C++ kernels
 
 
 def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedProgram:
@@ -74,6 +76,16 @@ def check_zip(path: Path) -> None:
                           "again with llmkit export")  # fmt: skip
 
 
+def load_op_library(path: Path) -> None:
+    """Load llmkit's C++ op library where the package calls its kernel (`llmkit.cpu_kernels`): torch finds the op
+    by name when the package loads."""
+    with zipfile.ZipFile(path) as package:
+        calls = any(CPU_OP.encode() in package.read(name) for name in package.namelist() if name.endswith(".json"))
+    if calls and not cpu_kernels.available():
+        raise LLMKitError(f"{path} calls llmkit's C++ kernel, which can't be built here ({cpu_kernels.why_not()}); "
+                          "install g++ or export the package again on this machine")  # fmt: skip
+
+
 def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     """Load a `.pt2` package as an `LLM` whose step runs the compiled model."""
     path = Path(path)
@@ -82,6 +94,7 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     from torch._inductor.package import load_package
 
     check_zip(path)
+    load_op_library(path)
     try:
         runners = {name: load_package(str(path), name) for name in AOTI_MODELS}
         meta = runners["decode"].get_metadata()

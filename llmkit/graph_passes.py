@@ -1,18 +1,28 @@
 """Inductor graph passes: a decode step's one-row products and one-query attention written as loops.
 
 `torch.compile` (llmkit.compile) and AOTInductor (llmkit.aoti) both run `OneRowProductsAsLoops` after
-inductor's own passes, so the same fused loops serve the compiled step and the exported package.
+inductor's own passes, so the same fused loops serve the compiled step and the exported package. On the CPU
+a one-row product by int8 weights goes to llmkit's C++ kernel (`llmkit.cpu_kernels`) instead, where it builds.
 """
 
 import torch
 from torch import Tensor
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
+from torch._inductor.pattern_matcher import (
+    Arg,
+    CallFunction,
+    KeywordArg,
+    Match,
+    PatternMatcherPass,
+    register_graph_pattern,
+)
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from llmkit import cpu_codegen
+from llmkit import cpu_codegen, cpu_kernels
 
 aten = torch.ops.aten
+prims = torch.ops.prims
+_int8_products = PatternMatcherPass()  # runs first: its products would otherwise become loops
 _one_row_products = PatternMatcherPass()
 
 
@@ -28,11 +38,18 @@ class OneRowProductsAsLoops(CustomGraphPass):
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        # torch.export checks each cast's input dtype with a node that uses it: a second user, which keeps the
+        # pattern matcher from replacing the cast (the dtypes are the graph's own, fixed when it was traced)
+        for node in [n for n in graph.nodes if n.target == aten._assert_tensor_metadata.default]:
+            graph.erase_node(node)
+        _int8_products.apply(graph)
         _one_row_products.apply(graph)
 
     def uuid(self) -> bytes:
-        # inductor's cache key: a changed pass, or changed code generation, recompiles
-        return get_hash_for_files((__file__, cpu_codegen.__file__))
+        # inductor's cache key: a changed pass, code generation or kernel recompiles, and so does a graph compiled
+        # with the kernel in a process that can't build it
+        files = get_hash_for_files((__file__, cpu_codegen.__file__, str(cpu_kernels.SOURCE)))
+        return files + (b"int8 kernel" if cpu_kernels.available() else b"int8 loops")
 
 
 def _is_one_row(x, dim: int = 0) -> bool:
@@ -59,6 +76,31 @@ def _one_row_reduction(match: Match, x, w) -> None:
     if widened and x.args[0].meta["val"].dtype in (torch.bfloat16, torch.float16):
         x = x.args[0]
     x.meta["inductor_realize_to_strides"] = True
+
+
+def _is_int8_product(match: Match) -> bool:
+    x, q, scale = (match.kwargs[k].meta.get("val") for k in ("x", "q", "scale"))
+    return (_is_one_row_on_cpu(match.kwargs["x"]) and x.dtype == torch.float32 and q.dtype == torch.int8
+            and q.dim() == 2 and scale.dtype == torch.float32 and scale.numel() == q.shape[0]
+            and cpu_kernels.available())  # fmt: skip
+
+
+def _int8_product(widen_then_transpose: bool) -> CallFunction:
+    """x (q^T widened to float32) * scale, as torchao's int8 layer writes it, or with q widened first (F.linear)."""
+    convert, permute = prims.convert_element_type.default, aten.permute.default
+    if widen_then_transpose:
+        w = CallFunction(permute, CallFunction(convert, KeywordArg("q"), torch.float32), [1, 0])
+    else:
+        w = CallFunction(convert, CallFunction(permute, KeywordArg("q"), [1, 0]), torch.float32)
+    return CallFunction(aten.mul.Tensor, CallFunction(aten.mm.default, KeywordArg("x"), w), KeywordArg("scale"))
+
+
+@register_graph_pattern(_int8_product(False), pass_dict=_int8_products, extra_check=_is_int8_product)
+@register_graph_pattern(_int8_product(True), pass_dict=_int8_products, extra_check=_is_int8_product)
+def _one_row_int8_product(match: Match, x, q, scale) -> None:
+    """x (q * scale)^T as torchao's int8 weight-only layer writes it: llmkit's C++ kernel keeps 8 sums going
+    where inductor's loop keeps one per output row and waits on each add."""
+    match.replace_by_example(lambda x, q, s: torch.ops.llmkit_cpu.int8_weight_mm(x, q, s.reshape(-1)), [x, q, scale])
 
 
 def _matmul_of_one_row(x: Tensor, w: Tensor) -> Tensor:

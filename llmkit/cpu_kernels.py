@@ -1,0 +1,48 @@
+"""llmkit's C++ CPU kernel, a one-row int8 weight-only product, built at first use and loaded as a custom op.
+
+`torch.ops.llmkit_cpu.int8_weight_mm(x, q, scale)` computes x (q * scale[:, None])^T for float32 x [M, K],
+int8 q [N, K] and float32 scale [N], as ATen's `_weight_int8pack_mm` does. It exists because neither ATen's op
+nor inductor's code is fast at one row on an AVX2 CPU (csrc/cpu_kernels.cpp says why;
+benchmarks/cpu_gemv_bench.py measures each). The source is compiled by `torch.utils.cpp_extension` the first
+time a process needs it (about 40 s on 2 cores, then cached under ~/.cache/torch_extensions); `llmkit-run`
+compiles the same file in. Where no C++ compiler is found, `available()` says why and callers keep inductor's
+loops.
+"""
+
+import functools
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+
+
+@functools.cache
+def load() -> str | None:
+    """Build (once per source version) and load the op library; None where it is built already in this process
+    (llmkit-run, a test) or can't be: then `why_not()` says why."""
+    if hasattr(torch.ops.llmkit_cpu, "int8_weight_mm"):
+        return None
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]  # a changed source builds a library of its own
+    return cpp_extension.load(name=f"llmkit_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=["-O3"],
+                              is_python_module=False)  # fmt: skip
+
+
+@functools.cache
+def why_not() -> str | None:
+    """Why the kernel can't run in this process, or None when it can (building it if needed)."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "no C++ compiler (apt-get install g++)"
+    try:
+        load()
+    except Exception as e:  # the compiler's errors come as several types; inductor's loops still work
+        return f"building {SOURCE.name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e)}"
+    return None
+
+
+def available() -> bool:
+    return why_not() is None

@@ -1,0 +1,145 @@
+"""llmkit.cpu_kernels: the C++ one-row int8 product against float64, ATen's op and eager torchao, and its use
+by torch.compile and AOTInductor.
+
+Tolerance: the kernel sums K float32 products in 8 running sums, so it differs from a float64 sum by float32
+rounding: about K * 2**-24 relative to the sum of |products| in the worst case; we allow 1e-5 of the largest
+output (measured: 2e-7 at K 333, 1e-7 at K 288).
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"llmkit's C++ kernel: {cpu_kernels.why_not()}")
+
+
+def int8_weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g) / 100
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.double() @ (q.double() * scale.double()[:, None]).T
+
+
+def close(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    return (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+# rows not a multiple of the kernel's 4 and columns not of its 16 or 8 take its tails; 3 rows of activations
+@pytest.mark.parametrize("m, n, k", [(1, 768, 288), (1, 37, 333), (1, 4, 7), (3, 50, 40), (1, 1, 1)])
+def test_matches_float64_and_aten(m, n, k):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    q, scale = int8_weights(n, k)
+    out = torch.ops.llmkit_cpu.int8_weight_mm(x, q, scale)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert close(out, reference(x, q, scale))
+    assert close(torch.ops.aten._weight_int8pack_mm(x, q, scale), reference(x, q, scale))  # the same contract
+
+
+def test_two_threads_give_the_same_numbers():
+    """Threads split the output rows, never a sum: the result does not depend on how many there are."""
+    x, (q, scale) = torch.randn(1, 288), int8_weights(4000, 288)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.llmkit_cpu.int8_weight_mm(x, q, scale)
+        torch.set_num_threads(2)
+        assert torch.equal(torch.ops.llmkit_cpu.int8_weight_mm(x, q, scale), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_portable_loop_matches_too():
+    """The loop that runs where the CPU has no AVX2, forced in a fresh process by LLMKIT_CPU_PORTABLE."""
+    code = (
+        "import torch; from llmkit import cpu_kernels; cpu_kernels.load(); g = torch.Generator().manual_seed(0); "
+        "x = torch.randn(1, 333, generator=g); q = torch.randint(-127, 128, (37, 333), dtype=torch.int8, "
+        "generator=g); s = torch.rand(37, generator=g); e = x.double() @ (q.double() * s.double()[:, None]).T; "
+        "print(((torch.ops.llmkit_cpu.int8_weight_mm(x, q, s).double() - e).abs().max() / e.abs().max()).item())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "LLMKIT_CPU_PORTABLE": "1"})  # fmt: skip
+    assert float(out.stdout.split()[-1]) <= 1e-5
+
+
+def test_bad_shapes_are_refused_in_one_line():
+    q, scale = int8_weights(8, 16)
+    with pytest.raises(RuntimeError, match="x \\[M, K\\] and q \\[N, K\\]"):
+        torch.ops.llmkit_cpu.int8_weight_mm(torch.randn(1, 15), q, scale)
+    with pytest.raises(RuntimeError, match="float32 x, int8 q and float32 scale"):
+        torch.ops.llmkit_cpu.int8_weight_mm(torch.randn(1, 16, dtype=torch.float64), q, scale)
+
+
+def test_the_op_traces_with_fake_tensors():
+    """torch.library's own checks: schema, fake (meta) kernel against the real one, and its use by compile."""
+    x, (q, scale) = torch.randn(1, 40), int8_weights(12, 40)
+    torch.library.opcheck(torch.ops.llmkit_cpu.int8_weight_mm, (x, q, scale),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
+
+
+def test_compiled_int8_layer_calls_the_kernel_and_matches_eager_torchao():
+    """torchao's int8 weight-only linear at one row: compiled, the product is the kernel's call (not inductor's
+    loop, not MKL); two rows keep inductor's product. Both match eager torchao (float32 rounding)."""
+    from torch._inductor.utils import run_and_get_code
+    from torchao.quantization import Int8WeightOnlyConfig, PerRow, quantize_
+
+    from llmkit.compile import _options
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 200, bias=False)
+    quantize_(layer, Int8WeightOnlyConfig(granularity=PerRow()))
+    options = _options(layer, torch.device("cpu"))
+    for rows, called in ((1, True), (2, False)):
+        torch._dynamo.reset()
+        x = torch.randn(1, rows, 96)
+        with torch.no_grad():
+            out, (code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True, options=options), x)
+            expected = layer(x)
+        assert ("llmkit_cpu::int8_weight_mm" in code or "llmkit_cpu.int8_weight_mm" in code) == called, rows
+        assert close(out, expected.double())
+
+
+def test_int8_package_calls_the_kernel_in_python_and_in_the_cpp_runner(tiny_folder, tmp_path):
+    """An int8 weight-only .pt2: its decode model calls the kernel by name (the package lists the op), and loads
+    in a fresh Python process, which builds or finds the op library first, and in llmkit-run, which has the kernel
+    compiled in. Logits within 1e-4 of eager torchao's (test_compile_export's bound), the same greedy tokens."""
+    from llmkit.aoti import CPU_OP, export_aoti
+    from llmkit.loading import load
+    from llmkit.quantize import quantize
+
+    eager = quantize(load(tiny_folder), "int8wo")
+    package = export_aoti(eager, tmp_path / "int8.pt2")
+    code = (
+        "import sys, torch; from llmkit.aoti import load_aoti; llm = load_aoti(sys.argv[1]); "
+        "print(llm.step(torch.tensor([[5, 6, 7]]), torch.arange(3))[0, -1].tolist()); "
+        "print(llm.step(torch.tensor([[8]]), torch.tensor([3]))[0, -1].tolist()); "
+        "print(llm.generate('the model reads the text', max_new_tokens=20, temperature=0).tokens)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(package)], capture_output=True, text=True, check=True)
+    prefill, decode, tokens = (eval(line) for line in out.stdout.strip().splitlines()[-3:])
+    with torch.inference_mode():
+        expected = eager.model(torch.tensor([[5, 6, 7, 8]]))[0]
+    assert (torch.tensor(prefill) - expected[2]).abs().max() <= 1e-4
+    assert (torch.tensor(decode) - expected[3]).abs().max() <= 1e-4
+    assert tokens == eager.generate("the model reads the text", max_new_tokens=20, temperature=0).tokens
+    with zipfile.ZipFile(package) as z:
+        assert any(CPU_OP.encode() in z.read(n) for n in z.namelist() if n.endswith(".json"))
+
+    runner = Path(__file__).resolve().parents[1] / "runner" / "build" / "llmkit-run"
+    if not runner.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{runner} is missing: `make runner` builds it")
+        pytest.skip(f"{runner} is not built; run `make runner`")
+    result = subprocess.run([str(runner), str(package), "-z", str(tiny_folder / "tokenizer.model"), "-p",
+                             "the model reads the text", "-n", "20", "-t", "0", "--ids"], capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    ids = next(line for line in result.stdout.splitlines() if line.startswith("ids:"))
+    assert [int(t) for t in ids.split()[1:]] == tokens
