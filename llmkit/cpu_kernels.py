@@ -1,10 +1,12 @@
 """llmkit's C++ CPU kernel, a one-row int8 weight-only product, built at first use and loaded as a custom op.
 
 `torch.ops.llmkit_cpu.int8_weight_mm(x, q, scale)` computes x (q * scale[:, None])^T for float32 x [M, K],
-int8 q [N, K] and float32 scale [N], as ATen's `_weight_int8pack_mm` does. It exists because neither ATen's op
-nor inductor's code is fast at one row on an AVX2 CPU (csrc/cpu_kernels.cpp says why;
-benchmarks/cpu_gemv_bench.py measures each). The source is compiled by `torch.utils.cpp_extension` the first
-time a process needs it (about 40 s on 2 cores, then cached under ~/.cache/torch_extensions); `llmkit-run`
+int8 q [N, K] and float32 scale [N], as ATen's `_weight_int8pack_mm` does, with each row of x rounded to 16-bit
+integers so that the sums are integer dot products (AVX-512 VNNI or AVX2; csrc/cpu_kernels.cpp says how). The
+rounding moves each x by at most 1/65278 of its row's largest value, a 250th of what rounding the weights to int8
+costs. It exists because neither ATen's op nor inductor's code is fast at one row on the CPU
+(benchmarks/cpu_gemv_bench.py measures each). The source is compiled by `torch.utils.cpp_extension` the first
+time a process needs it (about 15 s on 2 cores, then cached under ~/.cache/torch_extensions); `llmkit-run`
 compiles the same file in. Where no C++ compiler is found, `available()` says why and callers keep inductor's
 loops.
 """
@@ -28,8 +30,9 @@ def load() -> str | None:
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]  # a changed source builds a library of its own
-    return cpp_extension.load(name=f"llmkit_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=["-O3"],
-                              is_python_module=False)  # fmt: skip
+    # -fopenmp: at::parallel_for is OpenMP written in ATen's headers, so without it the rows run on one thread
+    return cpp_extension.load(name=f"llmkit_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], is_python_module=False)  # fmt: skip
 
 
 @functools.cache

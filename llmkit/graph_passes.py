@@ -98,8 +98,8 @@ def _int8_product(widen_then_transpose: bool) -> CallFunction:
 @register_graph_pattern(_int8_product(False), pass_dict=_int8_products, extra_check=_is_int8_product)
 @register_graph_pattern(_int8_product(True), pass_dict=_int8_products, extra_check=_is_int8_product)
 def _one_row_int8_product(match: Match, x, q, scale) -> None:
-    """x (q * scale)^T as torchao's int8 weight-only layer writes it: llmkit's C++ kernel keeps 8 sums going
-    where inductor's loop keeps one per output row and waits on each add."""
+    """x (q * scale)^T as torchao's int8 weight-only layer writes it: llmkit's C++ kernel sums in integers,
+    where inductor's loop widens each weight to float first."""
     match.replace_by_example(lambda x, q, s: torch.ops.llmkit_cpu.int8_weight_mm(x, q, s.reshape(-1)), [x, q, scale])
 
 

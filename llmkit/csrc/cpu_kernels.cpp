@@ -1,18 +1,26 @@
-// llmkit's one-row int8 weight-only product on the CPU: y = x (q * scale[:, None])^T, as a PyTorch custom op.
+// llmkit's int8 weight-only product on the CPU: y = x (q * scale[:, None])^T, as a PyTorch custom op.
 //
 // torch.ops.llmkit_cpu.int8_weight_mm(x [M, K] float32, q [N, K] int8, scale [N] float32) -> [M, N] float32,
-// the signature and result of ATen's _weight_int8pack_mm. At one row a product of K weights is a chain of
-// multiply-adds: written with one accumulator per output row (inductor's loop) each add waits for the last
-// (4 cycles here), so a row of 8 weights takes that long. This kernel multiplies 4 rows at a time with 2
-// accumulators each: 8 independent chains. Where the weights come from memory rather than the L2 cache,
-// reading them is the limit and the two run at about the same speed (benchmarks/cpu_gemv_bench.py). AVX2 where the CPU has it
-// (chosen at run time), else a portable loop with the same 8 sums.
+// the signature of ATen's _weight_int8pack_mm. Widening each int8 weight to float costs two instructions per 8
+// weights before the multiply-add, which caps a float kernel below what memory delivers. So each row of x is
+// carried as 16-bit integers instead (xq = round(x / sx), sx = max|x| / 32767: a step of 1/65534 of the row's
+// largest value, finer than bfloat16's rounding) and the sums are integer dot products:
+//   y[n] = sx * scale[n] * D[n],   D[n] = sum_k xq[k] q[n, k], computed exactly.
+// AVX-512 VNNI multiplies unsigned by signed bytes (vpdpbusd, 64 per instruction), so xq is split into two signed
+// bytes, xq = 256 hi + lo, and the weights are made unsigned by adding 128 (one xor): with u = q + 128,
+//   D = 256 sum hi u + sum lo u - 128 sum xq.
+// AVX2 multiplies 16-bit pairs (vpmaddwd) after widening 16 weights in one instruction. The portable loop computes
+// the same integer D, so every path returns the same bits.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -21,91 +29,157 @@
 
 namespace {
 
-// out[n] = sum_k x[k] q[n, k] for rows n0 <= n < n1
-void int8_rows_portable(const float* x, const int8_t* q, int64_t K, int64_t n0, int64_t n1, float* out) {
+// A row of x as 16-bit integers, and as the two signed bytes the VNNI kernel multiplies
+struct QuantizedRow {
+  static constexpr int32_t LIMIT = 127 * 256 + 127;  // the largest |xq| whose two bytes are both signed bytes
+  float sx = 0;
+  int64_t sum = 0;  // sum_k xq[k]
+  std::vector<int16_t> xq;
+  std::vector<int8_t> lo, hi;  // xq = 256 * hi + lo
+};
+
+// One buffer per thread, reused across calls: a decode step makes dozens of these for rows of a few hundred values
+QuantizedRow& quantize_row(const float* x, int64_t K) {
+  thread_local QuantizedRow r;
+  float amax = 0;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    amax = std::max(amax, std::fabs(x[k]));
+    finite = finite && std::isfinite(x[k]);
+  }
+  r.xq.assign(K, 0);
+  r.lo.assign(K, 0);
+  r.hi.assign(K, 0);
+  r.sum = 0;
+  if (!finite || amax == 0) {  // zeros give zeros; an inf or nan gives nan, which the caller's checks catch
+    r.sx = finite ? 0.0f : NAN;
+    return r;
+  }
+  r.sx = amax / QuantizedRow::LIMIT;
+  const float inv = QuantizedRow::LIMIT / amax;
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t v = std::clamp(static_cast<int32_t>(std::lrintf(x[k] * inv)), -QuantizedRow::LIMIT,
+                                 QuantizedRow::LIMIT);
+    const int32_t h = (v + 128) >> 8;
+    r.xq[k] = static_cast<int16_t>(v);
+    r.hi[k] = static_cast<int8_t>(h);
+    r.lo[k] = static_cast<int8_t>(v - 256 * h);
+    r.sum += v;
+  }
+  return r;
+}
+
+// D[n] = sum_k xq[k] q[n, k] for rows n0 <= n < n1
+void dots_portable(const QuantizedRow& r, const int8_t* q, int64_t K, int64_t n0, int64_t n1, int64_t* D) {
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = q + n * K;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent sums, as the AVX2 kernel keeps
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      for (int j = 0; j < 8; ++j) acc[j] += x[k + j] * static_cast<float>(w[k + j]);
-    }
-    float sum = 0;
-    for (; k < K; ++k) sum += x[k] * static_cast<float>(w[k]);
-    for (int j = 0; j < 8; ++j) sum += acc[j];
-    out[n] = sum;
+    int64_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) sum += static_cast<int64_t>(r.xq[k]) * w[k];
+    D[n] = sum;
   }
 }
 
 #ifdef LLMKIT_X86
-__attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* p) {
-  // 8 int8 weights -> 8 floats: one sign-extending load, one conversion
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+__attribute__((target("avx2"))) inline int64_t hsum_epi32(__m256i v) {
+  // widened to 64 bits first: eight partial sums of a chunk may together pass 2^31
+  const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                        _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+  return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-__attribute__((target("avx2,fma"))) void int8_rows_avx2(const float* x, const int8_t* q, int64_t K, int64_t n0,
-                                                         int64_t n1, float* out) {
-  const int64_t K16 = K & ~int64_t(15), K8 = K & ~int64_t(7);
+// Four rows at a time; each chunk of 2048 columns is summed in 32 bits, which can't overflow there
+// (8 lanes x 128 steps x 2 x 32767 x 128 < 2^31 per lane), then added in 64 bits.
+__attribute__((target("avx2"))) void dots_avx2(const QuantizedRow& r, const int8_t* q, int64_t K, int64_t n0,
+                                               int64_t n1, int64_t* D) {
+  constexpr int64_t CHUNK = 2048;
+  const int16_t* xq = r.xq.data();
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
-    const int8_t* w0 = q + n * K;
-    const int8_t *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k < K16; k += 16) {
-      const __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
-      a0 = _mm256_fmadd_ps(xa, widen8(w0 + k), a0);
-      a1 = _mm256_fmadd_ps(xa, widen8(w1 + k), a1);
-      a2 = _mm256_fmadd_ps(xa, widen8(w2 + k), a2);
-      a3 = _mm256_fmadd_ps(xa, widen8(w3 + k), a3);
-      b0 = _mm256_fmadd_ps(xb, widen8(w0 + k + 8), b0);
-      b1 = _mm256_fmadd_ps(xb, widen8(w1 + k + 8), b1);
-      b2 = _mm256_fmadd_ps(xb, widen8(w2 + k + 8), b2);
-      b3 = _mm256_fmadd_ps(xb, widen8(w3 + k + 8), b3);
+    const int8_t* w[4] = {q + n * K, q + (n + 1) * K, q + (n + 2) * K, q + (n + 3) * K};
+    int64_t total[4] = {0, 0, 0, 0};
+    for (int64_t c = 0; c < K; c += CHUNK) {
+      const int64_t end = std::min(K, c + CHUNK), end16 = c + ((end - c) & ~int64_t(15));
+      __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                        _mm256_setzero_si256()};
+      for (int64_t k = c; k < end16; k += 16) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+        for (int j = 0; j < 4; ++j) {
+          const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k)));
+          acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(xv, wv));
+        }
+      }
+      for (int j = 0; j < 4; ++j) {
+        total[j] += hsum_epi32(acc[j]);
+        for (int64_t k = end16; k < end; ++k) total[j] += static_cast<int64_t>(xq[k]) * w[j][k];
+      }
     }
-    for (; k < K8; k += 8) {
-      const __m256 xa = _mm256_loadu_ps(x + k);
-      a0 = _mm256_fmadd_ps(xa, widen8(w0 + k), a0);
-      a1 = _mm256_fmadd_ps(xa, widen8(w1 + k), a1);
-      a2 = _mm256_fmadd_ps(xa, widen8(w2 + k), a2);
-      a3 = _mm256_fmadd_ps(xa, widen8(w3 + k), a3);
-    }
-    float s0 = hsum(_mm256_add_ps(a0, b0)), s1 = hsum(_mm256_add_ps(a1, b1));
-    float s2 = hsum(_mm256_add_ps(a2, b2)), s3 = hsum(_mm256_add_ps(a3, b3));
-    for (; k < K; ++k) {
-      s0 += x[k] * w0[k];
-      s1 += x[k] * w1[k];
-      s2 += x[k] * w2[k];
-      s3 += x[k] * w3[k];
-    }
-    out[n] = s0;
-    out[n + 1] = s1;
-    out[n + 2] = s2;
-    out[n + 3] = s3;
+    for (int j = 0; j < 4; ++j) D[n + j] = total[j];
   }
-  if (n < n1) int8_rows_portable(x, q, K, n, n1, out);
+  if (n < n1) dots_portable(r, q, K, n, n1, D);
 }
 
-// LLMKIT_CPU_PORTABLE=1 runs the portable loop on any CPU, for the tests
-bool use_avx2() {
-  static const bool yes =
-      std::getenv("LLMKIT_CPU_PORTABLE") == nullptr && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+__attribute__((target("avx512f,avx2"))) inline __m256i half(__m512i v) {
+  return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+// The four sums of a, b, c, d's 16 lanes each, as one vector
+__attribute__((target("avx512f,avx2"))) inline __m128i hsum4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(half(a), half(b)), _mm256_hadd_epi32(half(c), half(d)));
+  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+// Four rows at a time, 64 columns per step: 8 running sums, each exact in 32 bits for K below 65536 (at most
+// 255 x 128 x K). The last step loads only the columns that exist (zeros, which add nothing: x's are zero there).
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2"))) void dots_vnni(const QuantizedRow& r,
+                                                                           const int8_t* q, int64_t K,
+                                                                           int64_t n0, int64_t n1, int64_t* D) {
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* w[4] = {q + n * K, q + (n + 1) * K, q + (n + 2) * K, q + (n + 3) * K};
+    __m512i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 m = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+      const __m512i xl = _mm512_maskz_loadu_epi8(m, r.lo.data() + k), xh = _mm512_maskz_loadu_epi8(m, r.hi.data() + k);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[j] + k), bias);  // q + 128
+        lo[j] = _mm512_dpbusd_epi32(lo[j], u, xl);
+        hi[j] = _mm512_dpbusd_epi32(hi[j], u, xh);
+      }
+    }
+    alignas(16) int32_t h[4], l[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(h), hsum4(hi[0], hi[1], hi[2], hi[3]));
+    _mm_store_si128(reinterpret_cast<__m128i*>(l), hsum4(lo[0], lo[1], lo[2], lo[3]));
+    for (int j = 0; j < 4; ++j) D[n + j] = 256 * static_cast<int64_t>(h[j]) + l[j] - 128 * r.sum;
+  }
+  if (n < n1) dots_portable(r, q, K, n, n1, D);
+}
+
+// LLMKIT_CPU_KERNEL=portable|avx2 picks a slower path on any CPU, for the tests
+int level() {
+  static const int chosen = [] {
+    const char* want = std::getenv("LLMKIT_CPU_KERNEL");
+    const std::string w = want ? want : "";
+    const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vnni");
+    if (w == "portable") return 0;
+    if (w == "avx2" || !vnni) return __builtin_cpu_supports("avx2") ? 1 : 0;
+    return 2;
+  }();
+  return chosen;
 }
 #endif
 
-void int8_rows(const float* x, const int8_t* q, int64_t K, int64_t n0, int64_t n1, float* out) {
+void dots(const QuantizedRow& r, const int8_t* q, int64_t K, int64_t n0, int64_t n1, int64_t* D) {
 #ifdef LLMKIT_X86
-  if (use_avx2()) return int8_rows_avx2(x, q, K, n0, n1, out);
+  if (K < 65536) {
+    if (level() == 2) return dots_vnni(r, q, K, n0, n1, D);
+    if (level() == 1) return dots_avx2(r, q, K, n0, n1, D);
+  }
 #endif
-  int8_rows_portable(x, q, K, n0, n1, out);
+  dots_portable(r, q, K, n0, n1, D);
 }
 
 at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
@@ -120,16 +194,20 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& q, const at::Te
   const float *xp = xc.const_data_ptr<float>(), *sp = sc.const_data_ptr<float>();
   const int8_t* qp = qc.const_data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
-  // about 16 KB of weights per task, in whole blocks of 4 rows: a thread's share of a small matrix is not worth
+  thread_local std::vector<int64_t> sums;  // reused, as the quantized row is
+  sums.resize(N);
+  int64_t* D = sums.data();  // the workers' own thread_local copies are not this one
+  // about 32 KB of weights per task, in whole blocks of 4 rows: a thread's share of a small matrix is not worth
   // waking another for
-  const int64_t grain = std::max<int64_t>(4, (16384 / std::max<int64_t>(K, 1)) & ~int64_t(3));
+  const int64_t grain = std::max<int64_t>(4, (32768 / std::max<int64_t>(K, 1)) & ~int64_t(3));
   for (int64_t m = 0; m < M; ++m) {
-    const float* xm = xp + m * K;
+    const QuantizedRow& r = quantize_row(xp + m * K, K);
+    const double sx = r.sx;
     float* om = op + m * N;
     at::parallel_for(0, (N + 3) / 4, (grain + 3) / 4, [&](int64_t b0, int64_t b1) {
       const int64_t n0 = b0 * 4, n1 = std::min(N, b1 * 4);
-      int8_rows(xm, qp, K, n0, n1, om);
-      for (int64_t n = n0; n < n1; ++n) om[n] *= sp[n];
+      dots(r, qp, K, n0, n1, D);
+      for (int64_t n = n0; n < n1; ++n) om[n] = static_cast<float>(static_cast<double>(D[n]) * sx * sp[n]);
     });
   }
   return out;
