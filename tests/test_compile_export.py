@@ -62,8 +62,9 @@ def test_one_row_products_become_fused_loops():
     C++ kernel builds, the one-row int8 product is its call instead, which rounds x to 16 bits: within 1e-4 of
     the largest output (tests/test_cpu_kernels.py bounds it exactly).
     """
-    from llmkit import cpu_kernels
     from torch._inductor.utils import run_and_get_code
+
+    from llmkit import cpu_kernels
 
     torch.manual_seed(0)
     w, s = torch.randint(-127, 128, (96, 64), dtype=torch.int8), torch.rand(96)
