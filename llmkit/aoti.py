@@ -2,7 +2,9 @@
 
 `torch.export` captures the model's forward (tokens, input positions) with the KV cache as buffers,
 twice: once with a dynamic sequence length for the prompt (prefill) and once for one token (decode),
-which inductor compiles into fused one-row loops (`llmkit.graph_passes`). The two compiled models are
+which inductor compiles into fused one-row loops (`llmkit.graph_passes`). The decode model takes a third
+input whose length is how many cache positions to attend to (a dynamic size): a step early in the context
+reads only the part of the cache written so far, as llama2.c's run.c does. The two compiled models are
 packaged together and, once loaded, share one set of KV cache tensors, so decode reads what prefill
 wrote. What a runner needs besides the graph travels as package metadata (`llmkit.artifacts`).
 """
@@ -13,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llmkit import cpu_kernels
 from llmkit.artifacts import check_targets, load_checked_tokenizer, package_metadata, write_with_tokenizer
@@ -22,19 +24,37 @@ from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
 
-FORMAT_VERSION = "2"  # bump when the package layout or metadata changes; 2: prefill and decode models
+FORMAT_VERSION = "3"  # bump when the package layout or metadata changes; 2: prefill and decode; 3: decode window
 AOTI_MODELS = ("prefill", "decode")
 CPU_OP = "llmkit_cpu::"  # how a package's list of operators it calls names llmkit's C++ kernels
 
 
+class Step(nn.Module):
+    """The model's step, exported: with `window`, attending to the cache's first `len(window)` positions (its values
+    are unused). Both exported models hold the model under this one name, so their KV caches' names match."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, window: Tensor | None = None) -> Tensor:
+        return self.model(tokens, input_pos, cache_len=None if window is None else window.shape[0])
+
+
 def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedProgram:
-    """torch.export of forward(tokens [1, T], input_pos [T]), with 1 <= T < max_seq_len or T = 1."""
-    T = 1 if one_token else 2
-    example = (torch.zeros(1, T, dtype=torch.long, device=llm.device), torch.arange(T, device=llm.device))
-    seq = torch.export.Dim("seq", min=1, max=llm.max_seq_len - 1)
+    """torch.export of forward(tokens [1, T], input_pos [T]), with 1 <= T < max_seq_len, or of the one-token
+    step forward(tokens [1, 1], input_pos [1], window [W]) attending to the cache's first W positions."""
+    device, max_len = llm.device, llm.max_seq_len
+    if one_token:
+        example = (torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device),
+                   torch.empty(2, dtype=torch.uint8, device=device))  # fmt: skip
+        dynamic = (None, None, {0: torch.export.Dim("window", min=1, max=max_len)})
+    else:
+        example = (torch.zeros(1, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
+        seq = torch.export.Dim("seq", min=1, max=max_len - 1)
+        dynamic = ({1: seq}, {0: seq})
     with torch.no_grad():
-        ep = torch.export.export(llm.model, example, dynamic_shapes=None if one_token else ({1: seq}, {0: seq}),
-                                 strict=False)  # fmt: skip
+        ep = torch.export.export(Step(llm.model), example, dynamic_shapes=dynamic, strict=False)
     return ep.run_decompositions()  # makes the in-place cache update a buffer mutation
 
 
@@ -115,12 +135,18 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
         vocab_size = json.loads(meta["model_args"])["vocab_size"]
         tok = load_checked_tokenizer(path, tokenizer, meta["tokenizer_file"], vocab_size, meta["tokenizer_sha256"])
     caches = share_kv_cache(runners, meta)
+    max_len = int(meta["max_seq_len"])
+    window = torch.empty(max_len, dtype=torch.uint8, device=device)
 
     def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return runners["decode" if tokens.shape[1] == 1 else "prefill"](tokens, input_pos)
+        if tokens.shape[1] != 1:
+            return runners["prefill"](tokens, input_pos)
+        # the positions up to this one; on a GPU the whole cache, as reading the position would wait for it
+        used = int(input_pos[-1]) + 1 if device == "cpu" else max_len
+        return runners["decode"](tokens, input_pos, window[:used])
 
     # the models hold raw pointers to the caches: the tensors live with the LLM
-    return LLM(None, tok, name=path.stem, step=step, max_seq_len=int(meta["max_seq_len"]), device=device,
+    return LLM(None, tok, name=path.stem, step=step, max_seq_len=max_len, device=device,
                metadata=meta, buffers=caches)  # fmt: skip
 
 

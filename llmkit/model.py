@@ -159,8 +159,13 @@ class Attention(nn.Module):
         if input_pos is not None:  # decoding: attend to the whole cache, masked to the past
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-            if mask.shape[-1] < k.shape[2]:  # a mask cut to the cache's first positions (`cache_len`)
-                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+            # as many positions as the mask has: all, or the cache's first `cache_len`
+            width = mask.shape[-1]
+            if isinstance(width, torch.SymInt):  # a length given as a graph input (llmkit.aoti's decode window):
+                window = torch.arange(width, device=k.device)  # gathered, as a slice's layout would depend on it
+                k, v = k.index_select(2, window), v.index_select(2, window)
+            else:
+                k, v = k[:, :, :width], v[:, :, :width]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )

@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
     fail(o.package + " is not a loadable llmkit AOTInductor package; export it again with llmkit export");
   }
   auto meta = decode->get_metadata();
-  if (meta["llmkit_format"] != "2") fail(o.package + " was made by another llmkit; export it again with llmkit export");
+  if (meta["llmkit_format"] != "3") fail(o.package + " was made by another llmkit; export it again with llmkit export");
   if (meta["tokenizer_file"].empty()) fail(o.package + " was exported without a tokenizer (random weights)");
   const int max_seq_len = std::stoi(meta["max_seq_len"]);
   const int bos = std::stoi(meta["bos_id"]);
@@ -123,11 +123,14 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(o.seed);
   torch::NoGradGuard no_grad;
 
+  // decode's third input: its length is how many cache positions the step attends to (all of them on a GPU)
+  const auto window = torch::empty({max_seq_len}, torch::TensorOptions().dtype(torch::kUInt8).device(device));
   auto run = [&](const std::vector<int64_t>& tokens, int64_t start) {
     auto t = torch::tensor(tokens, torch::kLong).view({1, -1}).to(device);
     auto pos = torch::arange(start, start + static_cast<int64_t>(tokens.size()), torch::kLong).to(device);
-    auto& model = tokens.size() == 1 ? decode : prefill;
-    return model->run({t, pos})[0][0][-1].to(torch::kCPU);
+    if (tokens.size() > 1) return prefill->run({t, pos})[0][0][-1].to(torch::kCPU);
+    const int64_t used = device == torch::kCPU ? start + 1 : max_seq_len;
+    return decode->run({t, pos, window.slice(0, 0, used)})[0][0][-1].to(torch::kCPU);
   };
 
   std::cout << o.prompt << std::flush;

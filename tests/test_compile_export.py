@@ -44,6 +44,20 @@ def test_aoti_package_matches_eager(tiny, package):
         eager.generate(PROMPT, max_new_tokens=40, temperature=0).tokens  # fmt: skip
 
 
+def test_aoti_decode_reads_only_the_cache_written_so_far(tiny, package):
+    """The decode model attends to the cache's first pos + 1 positions (its window input): with every later
+    position poisoned with nan its logits are still eager's. A step over the whole cache turns nan: the mask
+    adds -inf to a nan score, it does not remove it."""
+    eager, aoti = load(tiny), load_aoti(package)
+    tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        aoti.step(tokens[:, :11], torch.arange(11))
+        for cache in aoti.buffers.values():
+            cache[:, :, 11:] = float("nan")
+        logits = aoti.step(tokens[:, 11:], torch.tensor([11]))
+        assert (logits[0, -1] - eager.model(tokens)[0, -1]).abs().max() <= 1e-4
+
+
 def test_compiled_decode_matches_eager(tiny):
     eager, compiled = load(tiny), compile(load(tiny), prefill=True)
     assert compiled.step is not compiled.model and compiled.compile_time > 0
