@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from llmkit import distributed
@@ -30,6 +31,7 @@ from llmkit.generate import LLM
 from llmkit.loading import GGUF_SCHEME, load
 from llmkit.model import SHAPES, Transformer, random_model, shape_args
 from llmkit.quantize import model_size, quantize
+from llmkit.sampling import argmax
 from llmkit.version import __version__
 
 PATHS = ("eager", "compile", "aoti", "pte")
@@ -74,17 +76,19 @@ def time_generation(llm: LLM, prompt_len: int, new_tokens: int) -> Timing:
     queues the next step while the GPU runs this one, as a serving loop would.
     """
     device = llm.device
+
+    def pick(logits: Tensor) -> Tensor:  # on the CPU llmkit.sampling's argmax (ATen's is slower than a small step)
+        return logits[0, -1].argmax().view(1, 1) if device.type != "cpu" else torch.tensor([[argmax(logits[0, -1])]])
+
     prompt = torch.randint(0, 100, (1, prompt_len), device=device)
     sync(device)
     start = time.perf_counter()
-    logits = llm.step(prompt, torch.arange(prompt_len, device=device))
-    token = logits[0, -1].argmax().view(1, 1)
+    token = pick(llm.step(prompt, torch.arange(prompt_len, device=device)))
     sync(device)
     ttft = time.perf_counter() - start
     input_pos = torch.tensor([prompt_len], device=device)
     for _ in range(new_tokens):
-        logits = llm.step(token, input_pos)
-        token = logits[0, -1].argmax().view(1, 1)
+        token = pick(llm.step(token, input_pos))
         input_pos = input_pos + 1
     sync(device)
     decode = time.perf_counter() - start - ttft

