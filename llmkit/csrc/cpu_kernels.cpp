@@ -3,7 +3,7 @@
 // torch.ops.llmkit_cpu.int8_weight_mm(x [M, K] float32, q [N, K] int8, scale [N] float32) -> [M, N] float32,
 // the signature of ATen's _weight_int8pack_mm. Widening each int8 weight to float costs two instructions per 8
 // weights before the multiply-add, which caps a float kernel below what memory delivers. So each row of x is
-// carried as 16-bit integers instead (xq = round(x / sx), sx = max|x| / 32767: a step of 1/65534 of the row's
+// carried as 16-bit integers instead (xq = round(x / sx), sx = max|x| / 32639: a step of 1/65278 of the row's
 // largest value, finer than bfloat16's rounding) and the sums are integer dot products:
 //   y[n] = sx * scale[n] * D[n],   D[n] = sum_k xq[k] q[n, k], computed exactly.
 // AVX-512 VNNI multiplies unsigned by signed bytes (vpdpbusd, 64 per instruction), so xq is split into two signed
