@@ -31,6 +31,16 @@ def write_word_tokenizer(vocab_size: int, path: Path) -> None:
     tokenizer.save(str(path))
 
 
+def write_shape_folder(shape: str, folder: Path, device: str, dtype: str, max_seq_len: int) -> Path:
+    """A Hugging Face folder of the shape with random weights and a word-level tokenizer of its vocabulary."""
+    model = random_model(shape_args(shape, max_seq_len), device, getattr(torch, dtype))
+    save_hf(model, folder)
+    del model
+    write_word_tokenizer(shape_args(shape, max_seq_len).vocab_size, folder / "tokenizer.json")
+    (folder / "shape.json").write_text(json.dumps({"shape": shape, "weights": "random"}) + "\n")
+    return folder
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", required=True)
@@ -40,12 +50,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="append results as JSON lines to this file")
     args, bench_args = p.parse_known_args()  # the rest goes to llmkit bench-serve
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / args.shape
-        model = random_model(shape_args(args.shape, args.max_seq_len), args.device, getattr(torch, args.dtype))
-        save_hf(model, folder)
-        del model
-        write_word_tokenizer(shape_args(args.shape, args.max_seq_len).vocab_size, folder / "tokenizer.json")
-        (folder / "shape.json").write_text(json.dumps({"shape": args.shape, "weights": "random"}) + "\n")
+        folder = write_shape_folder(args.shape, Path(tmp) / args.shape, args.device, args.dtype, args.max_seq_len)
         command = [sys.executable, "-m", "llmkit", "bench-serve", "--checkpoint-path", str(folder), "--device",
                    args.device, "--dtype", args.dtype, *bench_args]  # fmt: skip
         command += ["--out", args.out] if args.out else []

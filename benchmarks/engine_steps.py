@@ -1,0 +1,147 @@
+"""Where a serving step's time goes: the engine's decode step alone, by batch size, then the same engine under HTTP.
+
+Builds a random-weight folder of a known shape (as serve_shapes.py does), loads it, and runs the continuous-batching
+engine (compiled with `--compile`, as `llmkit serve --compile` does). First the engine alone: B requests at once,
+each step timed, the model's forward timed apart (synchronized). Then, with `--http`, the same engine behind the
+app in this process on a loopback port while `llmkit bench-serve --url` (its own process) sends the load: the
+step, forward and the gap between steps per batch size tell whether the model, the engine's own work or the HTTP
+side (the event loop sharing the interpreter) sets the pace. Prints tables; `--out` appends JSON lines.
+
+    python benchmarks/engine_steps.py --shape llama-3.2-1b --device cuda --dtype bfloat16 --compile \
+        --batch-sizes 1 4 16 --http 1 16
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+from serve_shapes import write_shape_folder
+
+import llmkit
+from llmkit.bench import environment
+from llmkit.engine import Engine, Request, run_to_completion
+from llmkit.serve import create_app, listening_socket
+
+PROMPT = "w1 w2 w3 w4 w5 w6 w7 w8"
+
+
+class StepTimer:
+    """Records each engine step (start, end) and each decode forward (rows, seconds, synchronized)."""
+
+    def __init__(self, engine: Engine, device: torch.device):
+        self.steps: list[tuple[float, float, int]] = []
+        self.forwards: list[float] = []
+        step, decode = engine.step, engine.decode_step
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        rows = [0]
+
+        def timed_decode(tokens, positions, cache_len=None):
+            sync()
+            start = time.perf_counter()
+            out = decode(tokens, positions, cache_len=cache_len)
+            sync()
+            self.forwards.append(time.perf_counter() - start)
+            rows[0] = tokens.shape[0]
+            return out
+
+        def timed_step():
+            rows[0] = 0
+            start = time.perf_counter()
+            step()
+            self.steps.append((start, time.perf_counter(), rows[0]))
+
+        engine.decode_step, engine.step = timed_decode, timed_step
+
+    def summary(self, since: int = 0) -> list[dict]:
+        """Per batch size: decode steps, median step, forward and gap before the next step (ms), tokens/s."""
+        steps, by_rows = self.steps[since:], {}
+        forwards = iter(self.forwards[-sum(1 for s in steps if s[2]):] if steps else [])
+        for (start, end, rows), after in zip(steps, [*steps[1:], None], strict=True):
+            if rows:
+                gap = after[0] - end if after else float("nan")
+                by_rows.setdefault(rows, []).append((end - start, next(forwards), gap))
+        out = []
+        for rows, records in sorted(by_rows.items()):
+            step, forward, gap = (statistics.median(x for x in column if x == x) * 1000 for column in zip(*records))
+            out.append({"rows": rows, "steps": len(records), "step_ms": step, "forward_ms": forward, "gap_ms": gap,
+                        "tokens_per_s": rows / (step + gap) * 1000})  # fmt: skip
+        return out
+
+
+def show(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}\n rows  steps  step ms  forward ms  gap ms    tok/s")
+    for r in rows:
+        print(f"{r['rows']:>5} {r['steps']:>6} {r['step_ms']:>8.2f} {r['forward_ms']:>11.2f} {r['gap_ms']:>7.2f} "
+              f"{r['tokens_per_s']:>8.1f}")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--http", type=int, nargs="*", default=[], help="concurrency levels to send over HTTP")
+    p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the server")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    device = torch.device(args.device)
+    record = {"shape": args.shape, "dtype": args.dtype, "compile": args.compile, "max_tokens": args.max_tokens,
+              "switch_interval": sys.getswitchinterval(), **environment(device)}  # fmt: skip
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_shape_folder(args.shape, Path(tmp) / args.shape, args.device, args.dtype, args.max_seq_len)
+        llm = llmkit.load(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+    engine = Engine(llm, args.max_batch_size, max_queue=max([*args.http, 1]))
+    if args.compile:
+        from llmkit.compile import compile_batched_decode
+
+        engine.decode_step = compile_batched_decode(llm, args.max_batch_size)
+    timer = StepTimer(engine, device)
+    prompt = llm.tokenizer.encode(PROMPT)
+    run_to_completion(engine, [Request(prompt, 4, temperature=0, ignore_eos=True)])  # warm-up
+    for b in args.batch_sizes:
+        since = len(timer.steps)
+        run_to_completion(engine, [Request(prompt, args.max_tokens, temperature=0, ignore_eos=True)
+                                   for _ in range(b)])  # fmt: skip
+        rows = [r for r in timer.summary(since) if r["rows"] == b]
+        show(f"engine alone, {b} requests", rows)
+        results += [{"mode": "engine", "requests": b, **r, **record} for r in rows]
+    if args.http:
+        sock = listening_socket("127.0.0.1", 0)
+        server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        for c in args.http:
+            since = len(timer.steps)
+            subprocess.run([sys.executable, "-m", "llmkit", "bench-serve", "--url", url, "--concurrency", str(c),
+                            "--max-tokens", str(args.max_tokens), "--requests", str(max(8, 4 * c))], check=True)  # fmt: skip
+            rows = timer.summary(since)
+            show(f"over HTTP, {c} clients", rows)
+            results += [{"mode": "http", "clients": c, **r, **record} for r in rows]
+        server.should_exit = True
+        thread.join()
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+
+
+if __name__ == "__main__":
+    main()
