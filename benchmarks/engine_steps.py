@@ -70,7 +70,7 @@ class StepTimer:
                 by_rows.setdefault(rows, []).append((end - start, next(forwards), gap))
         out = []
         for rows, records in sorted(by_rows.items()):
-            step, forward, gap = (statistics.median(x for x in column if x == x) * 1000 for column in zip(*records))
+            step, forward, gap = (statistics.median(x for x in column if x == x) * 1000 for column in zip(*records, strict=True))
             out.append({"rows": rows, "steps": len(records), "step_ms": step, "forward_ms": forward, "gap_ms": gap,
                         "tokens_per_s": rows / (step + gap) * 1000})  # fmt: skip
         return out
@@ -131,8 +131,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         for c in args.http:
             since = len(timer.steps)
-            subprocess.run([sys.executable, "-m", "llmkit", "bench-serve", "--url", url, "--concurrency", str(c),
-                            "--max-tokens", str(args.max_tokens), "--requests", str(max(8, 4 * c))], check=True)  # fmt: skip
+            client = ["bench-serve", "--url", url, "--concurrency", str(c), "--max-tokens", str(args.max_tokens)]
+            subprocess.run([sys.executable, "-m", "llmkit", *client, "--requests", str(max(8, 4 * c))], check=True)
             rows = timer.summary(since)
             show(f"over HTTP, {c} clients", rows)
             results += [{"mode": "http", "clients": c, **r, **record} for r in rows]
