@@ -70,7 +70,8 @@ class StepTimer:
                 by_rows.setdefault(rows, []).append((end - start, next(forwards), gap))
         out = []
         for rows, records in sorted(by_rows.items()):
-            step, forward, gap = (statistics.median(x for x in column if x == x) * 1000 for column in zip(*records, strict=True))
+            columns = zip(*records, strict=True)
+            step, forward, gap = (statistics.median(x for x in column if x == x) * 1000 for column in columns)
             out.append({"rows": rows, "steps": len(records), "step_ms": step, "forward_ms": forward, "gap_ms": gap,
                         "tokens_per_s": rows / (step + gap) * 1000})  # fmt: skip
         return out
