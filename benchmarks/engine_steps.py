@@ -39,7 +39,8 @@ class StepTimer:
     def __init__(self, engine: Engine, device: torch.device):
         self.steps: list[tuple[float, float, int]] = []
         self.forwards: list[float] = []
-        step, decode = engine.step, engine.decode_step
+        self.admits: list[tuple[int, float]] = []  # (requests, seconds) of each prefill of arriving requests
+        step, decode, admit = engine.step, engine.decode_step, engine._admit
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         rows = [0]
 
@@ -52,13 +53,19 @@ class StepTimer:
             rows[0] = tokens.shape[0]
             return out
 
+        def timed_admit(requests):
+            start = time.perf_counter()
+            admit(requests)
+            sync()
+            self.admits.append((len(requests), time.perf_counter() - start))
+
         def timed_step():
             rows[0] = 0
             start = time.perf_counter()
             step()
             self.steps.append((start, time.perf_counter(), rows[0]))
 
-        engine.decode_step, engine.step = timed_decode, timed_step
+        engine.decode_step, engine.step, engine._admit = timed_decode, timed_step, timed_admit
 
     def summary(self, since: int = 0) -> list[dict]:
         """Per batch size: decode steps, median step, forward and gap before the next step (ms), tokens/s."""
@@ -75,6 +82,19 @@ class StepTimer:
             out.append({"rows": rows, "steps": len(records), "step_ms": step, "forward_ms": forward, "gap_ms": gap,
                         "tokens_per_s": rows / (step + gap) * 1000})  # fmt: skip
         return out
+
+
+def profile(engine: Engine, rows: int, steps: int = 10) -> None:
+    """The kernels of `steps` decode steps of `rows` rows, by their total device time."""
+    device = engine.llm.device
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+    positions = torch.full((rows, 1), 100, dtype=torch.long, device=device)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.decode_step(tokens, positions, cache_len=256)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
 
 
 def show(title: str, rows: list[dict]) -> None:
@@ -96,6 +116,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--http", type=int, nargs="*", default=[], help="concurrency levels to send over HTTP")
     p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the server")
+    p.add_argument("--profile", type=int, default=None, metavar="ROWS", help="profile decode steps of ROWS rows")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.switch_interval:
@@ -120,8 +141,10 @@ def main() -> None:
         run_to_completion(engine, [Request(prompt, args.max_tokens, temperature=0, ignore_eos=True)
                                    for _ in range(b)])  # fmt: skip
         rows = [r for r in timer.summary(since) if r["rows"] == b]
-        show(f"engine alone, {b} requests", rows)
+        show(f"engine alone, {b} requests (prefill of all {b}: {timer.admits[-1][1] * 1000:.1f} ms)", rows)
         results += [{"mode": "engine", "requests": b, **r, **record} for r in rows]
+    if args.profile:
+        profile(engine, args.profile)
     if args.http:
         sock = listening_socket("127.0.0.1", 0)
         server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
@@ -131,11 +154,13 @@ def main() -> None:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         for c in args.http:
-            since = len(timer.steps)
+            since, admits_since = len(timer.steps), len(timer.admits)
             client = ["bench-serve", "--url", url, "--concurrency", str(c), "--max-tokens", str(args.max_tokens)]
             subprocess.run([sys.executable, "-m", "llmkit", *client, "--requests", str(max(8, 4 * c))], check=True)
             rows = timer.summary(since)
-            show(f"over HTTP, {c} clients", rows)
+            admits = timer.admits[admits_since:]
+            show(f"over HTTP, {c} clients (prefills: {len(admits)}, median "
+                 f"{statistics.median(a[1] for a in admits) * 1000:.1f} ms)", rows)
             results += [{"mode": "http", "clients": c, **r, **record} for r in rows]
         server.should_exit = True
         thread.join()

@@ -166,10 +166,26 @@ class Attention(nn.Module):
                 k, v = k.index_select(2, window), v.index_select(2, window)
             else:
                 k, v = k[:, :, :width], v[:, :, :width]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if mask is not None and k.shape[1] != q.shape[1]:
+            y = grouped_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=k.shape[1] != q.shape[1])  # fmt: skip
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of q [B, H, T, D] to k, v [B, H_kv, S, D], H = g * H_kv, under mask [B or 1, 1, T, S].
+
+    Query heads j*g ... j*g + g-1 share key/value head j: their queries are stacked as g*T rows of head j, so
+    each cached key and value is read once. SDPA's `enable_gqa` with a mask repeats the cache g times instead:
+    with a batch of requests that copy, not the weights, was most of a decode step's bytes.
+    """
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    g = H // H_kv
+    y = F.scaled_dot_product_attention(q.reshape(B, H_kv, g * T, D), k, v, attn_mask=mask.repeat(1, 1, g, 1))
+    return y.view(B, H, T, D)
 
 
 def join_qkv(attention: Attention, state: dict, prefix: str, *_) -> None:

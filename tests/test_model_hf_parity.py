@@ -91,3 +91,16 @@ def test_saved_model_loads_back_identically(tmp_path):
     reloaded_by_transformers = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     with torch.no_grad():
         assert (reloaded_by_transformers(tokens).logits - model(tokens)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("B, H, H_kv, T, S", [(1, 32, 8, 1, 64), (4, 9, 3, 5, 40), (3, 6, 2, 7, 7)])
+def test_grouped_attention_equals_sdpa_with_repeated_heads(B, H, H_kv, T, S):
+    from llmkit.model import grouped_attention
+
+    g = torch.Generator().manual_seed(B * T)
+    q = torch.randn(B, H, T, 16, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(B, H_kv, S, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    mask = torch.rand(B, 1, T, S, generator=g) > 0.3  # each row and query its own mask, as a batch of requests
+    mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (grouped_attention(q, k, v, mask) - expected).abs().max() <= 1e-12
