@@ -33,6 +33,10 @@ from llmkit.serve import create_app, listening_socket
 PROMPT = "w1 w2 w3 w4 w5 w6 w7 w8"
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 class StepTimer:
     """Records each engine step (start, end) and each decode forward (rows, seconds, synchronized)."""
 
@@ -78,7 +82,7 @@ class StepTimer:
         out = []
         for rows, records in sorted(by_rows.items()):
             columns = zip(*records, strict=True)
-            step, forward, gap = (statistics.median(x for x in column if x == x) * 1000 for column in columns)
+            step, forward, gap = (median([x for x in column if x == x]) * 1000 for column in columns)
             out.append({"rows": rows, "steps": len(records), "step_ms": step, "forward_ms": forward, "gap_ms": gap,
                         "tokens_per_s": rows / (step + gap) * 1000})  # fmt: skip
         return out
@@ -115,24 +119,25 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--http", type=int, nargs="*", default=[], help="concurrency levels to send over HTTP")
-    p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the server")
+    p.add_argument("--switch-intervals", type=float, nargs="+", default=[None],
+                   help="sys.setswitchinterval values for the HTTP levels (default: Python's)")  # fmt: skip
     p.add_argument("--profile", type=int, default=None, metavar="ROWS", help="profile decode steps of ROWS rows")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
     device = torch.device(args.device)
     record = {"shape": args.shape, "dtype": args.dtype, "compile": args.compile, "max_tokens": args.max_tokens,
-              "switch_interval": sys.getswitchinterval(), **environment(device)}  # fmt: skip
+              **environment(device)}  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_shape_folder(args.shape, Path(tmp) / args.shape, args.device, args.dtype, args.max_seq_len)
         llm = llmkit.load(folder, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
     engine = Engine(llm, args.max_batch_size, max_queue=max([*args.http, 1]))
     if args.compile:
-        from llmkit.compile import compile_batched_decode
+        from llmkit.compile import compile_batched_decode, compile_batched_prefill
 
         engine.decode_step = compile_batched_decode(llm, args.max_batch_size)
+        if device.type == "cuda":
+            engine.prefill_step = compile_batched_prefill(llm)
     timer = StepTimer(engine, device)
     prompt = llm.tokenizer.encode(PROMPT)
     run_to_completion(engine, [Request(prompt, 4, temperature=0, ignore_eos=True)])  # warm-up
@@ -153,15 +158,19 @@ def main() -> None:
         while not server.started:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        for c in args.http:
+        default_interval = sys.getswitchinterval()
+        for interval, c in ((i, c) for i in args.switch_intervals for c in args.http):
+            sys.setswitchinterval(interval or default_interval)
             since, admits_since = len(timer.steps), len(timer.admits)
             client = ["bench-serve", "--url", url, "--concurrency", str(c), "--max-tokens", str(args.max_tokens)]
             subprocess.run([sys.executable, "-m", "llmkit", *client, "--requests", str(max(8, 4 * c))], check=True)
             rows = timer.summary(since)
             admits = timer.admits[admits_since:]
-            show(f"over HTTP, {c} clients (prefills: {len(admits)}, median "
-                 f"{statistics.median(a[1] for a in admits) * 1000:.1f} ms)", rows)
-            results += [{"mode": "http", "clients": c, **r, **record} for r in rows]
+            median = statistics.median(a[1] for a in admits) * 1000
+            show(f"over HTTP, {c} clients, switch interval {sys.getswitchinterval() * 1000:g} ms "
+                 f"(prefills: {len(admits)}, median {median:.1f} ms)", rows)  # fmt: skip
+            results += [{"mode": "http", "clients": c, "switch_interval": sys.getswitchinterval(), **r, **record}
+                        for r in rows]  # fmt: skip
         server.should_exit = True
         thread.join()
     if args.out:

@@ -140,9 +140,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     else:
         engine = Engine(llm, args.max_batch_size, args.max_queue)
     if args.compile:
-        from llmkit.compile import compile_batched_decode
+        from llmkit.compile import compile_batched_decode, compile_batched_prefill
 
         engine.decode_step = compile_batched_decode(llm, args.max_batch_size)
+        if llm.device.type == "cuda":  # on a CPU eager prefill is bound by arithmetic, not by launches
+            engine.prefill_step = compile_batched_prefill(llm)
     if args.tp > 1 and distributed.rank() != 0:
         return follow(engine)
     serve(engine, args.host, args.port, args.api_key,

@@ -91,6 +91,8 @@ class Engine:
         self.caches = [layer.attention.kv_cache for layer in self.model.layers]
         # tokens and positions [B, 1], cache positions in use -> logits: the model, or `compile_batched_decode`'s
         self.decode_step: Callable[..., Tensor] = self.model
+        # tokens and positions [n, T], cache positions in use -> logits: the model, or `compile_batched_prefill`'s
+        self.prefill_step: Callable[..., Tensor] = self.model
         self.eos = set(llm.tokenizer.eos_ids)
         self.active: list[Request] = []  # row i of the cache is active[i]
         self.positions: list[int] = []  # where each row's next token goes
@@ -222,8 +224,9 @@ class Engine:
 
     def _forward(self, tokens: Tensor, positions: Tensor, cache_len: int, decode: bool) -> Tensor:
         """The model on the cache's first rows: a prefill, or one decode step (compiled when `decode_step` is)."""
-        step = self.decode_step if decode else self.model
-        return step(tokens, positions, cache_len=cache_len)
+        if decode:
+            return self.decode_step(tokens, positions, cache_len=cache_len)
+        return self.prefill_step(tokens, positions, cache_len=cache_len)
 
     def _cache_len(self, used: int) -> int:
         """The cache positions a step attends to: those in use, rounded up to a multiple of CACHE_BLOCK."""

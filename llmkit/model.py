@@ -185,7 +185,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     H_kv = k.shape[1]
     g = H // H_kv
     y = F.scaled_dot_product_attention(q.reshape(B, H_kv, g * T, D), k, v, attn_mask=mask.repeat(1, 1, g, 1))
-    return y.view(B, H, T, D)
+    return y.reshape(B, H, T, D)  # some SDPA kernels return a strided output
 
 
 def join_qkv(attention: Attention, state: dict, prefix: str, *_) -> None:
