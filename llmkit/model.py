@@ -184,8 +184,9 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     g = H // H_kv
-    y = F.scaled_dot_product_attention(q.reshape(B, H_kv, g * T, D), k, v, attn_mask=mask.repeat(1, 1, g, 1))
-    return y.reshape(B, H, T, D)  # some SDPA kernels return a strided output
+    # unflatten/flatten rather than reshape: export then needs no guard on the length T
+    y = F.scaled_dot_product_attention(q.unflatten(1, (H_kv, g)).flatten(2, 3), k, v, attn_mask=mask.repeat(1, 1, g, 1))
+    return y.unflatten(2, (g, T)).flatten(1, 2)
 
 
 def join_qkv(attention: Attention, state: dict, prefix: str, *_) -> None:

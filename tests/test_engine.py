@@ -65,6 +65,30 @@ def test_the_compiled_step_gives_the_eager_tokens(tiny_folder, engine):
     assert [r.tokens for r in requests] == [a.tokens for a in alone]
 
 
+def test_the_compiled_prefill_gives_the_eager_logits_and_tokens(tiny_folder, engine):
+    """`serve --compile` on a GPU compiles the prefill too (dynamic in rows, length and cache window); the same
+    graph on the CPU: logits within float32 rounding of eager's for one row and several, a one-token prompt (padded
+    to two inside) and longer ones, then the engine's greedy tokens equal each request's alone."""
+    from llmkit.compile import compile_batched_prefill
+
+    model = engine.model
+    prefill = compile_batched_prefill(engine.llm)
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for rows, length, start in [(1, 1, 0), (1, 6, 4), (3, 7, 0), (4, 2, 9)]:
+            tokens = torch.randint(0, model.args.vocab_size, (rows, length), generator=g)
+            positions = torch.arange(start, start + length).expand(rows, length)
+            compiled = prefill(tokens, positions, 32).clone()
+            torch.testing.assert_close(compiled, model(tokens, positions, cache_len=32), rtol=1e-4, atol=1e-4)
+    reference = llmkit.load(tiny_folder)
+    work = list(zip(PROMPTS[2:6], [9, 14, 3, 20], strict=True))
+    alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in work]
+    engine.prefill_step = prefill
+    requests = [Request(reference.encode_prompt(p), n, temperature=0) for p, n in work]
+    run_to_completion(engine, requests, timeout=120)
+    assert [r.tokens for r in requests] == [a.tokens for a in alone]
+
+
 def test_a_seeded_request_gets_the_same_tokens_alone_or_batched(tiny_folder, engine):
     reference = llmkit.load(tiny_folder)
     alone = reference.generate(PROMPTS[0], max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.95, seed=7)

@@ -78,3 +78,21 @@ def test_serving_engine_compiled_per_batch_size_matches_eager_on_the_gpu(make_mo
             tokens, positions = eager.argmax(-1, keepdim=True), positions + 1
     print(f"MEASURED serving engine, compiled per batch size: max |compiled - eager| = {max(diffs):.4f}")
     assert max(diffs) <= TOLERANCE
+
+
+def test_serving_prefill_compiled_matches_eager_on_the_gpu(make_model):
+    """`serve --compile`'s prefill on a GPU (one dynamic graph, cuDNN attention left out): logits of prompts of
+    several rows and lengths, one token among them, against eager's (same tolerance)."""
+    from llmkit.compile import compile_batched_prefill
+
+    llm = _model(make_model, "none", 2)
+    llm.model.setup_buffers(4)
+    prefill, g, diffs = compile_batched_prefill(llm), torch.Generator("cuda").manual_seed(2), []
+    with torch.inference_mode():
+        for rows, length in [(1, 1), (3, 7), (4, 12), (2, 5)]:
+            tokens = torch.randint(0, ARGS.vocab_size, (rows, length), device="cuda", generator=g)
+            positions = torch.arange(length, device="cuda").expand(rows, length)
+            compiled = prefill(tokens, positions, 64).float()
+            diffs.append((compiled - llm.model(tokens, positions, cache_len=64).float()).abs().max().item())
+    print(f"MEASURED serving prefill, compiled: max |compiled - eager| = {max(diffs):.4f}")
+    assert max(diffs) <= TOLERANCE
