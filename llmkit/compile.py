@@ -154,9 +154,9 @@ def prefill_rows(model: Transformer, tokens: Tensor, positions: Tensor, cache_le
 
 def compile_batched_prefill(llm: LLM) -> Callable[[Tensor, Tensor, int], Tensor]:
     """A serving engine's prefill on a GPU (prompts [n, T], positions [n, T], cache positions in use): one graph
-    dynamic in all three, where eager pays a launch per operation (~25 ms per prefill of a 1B model on an H200
-    host, whatever its size). Attention leaves out cuDNN's kernel, which builds a plan for each new shape (~80 ms
-    each time the number of prompts or their length changes). Call after the engine has set up the cache.
+    dynamic in all three, where eager pays a kernel launch per operation whatever the prompts' size. Attention
+    leaves out cuDNN's kernel, which builds a plan for each new shape: each new number or length of prompts.
+    Call after the engine has set up the cache (chapter 9 has the figures).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
