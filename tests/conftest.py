@@ -149,12 +149,15 @@ def write_gguf(path: Path, model: Transformer, tokenizer_model: Path, types: dic
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """`tiny_model()` (TINY, std 0.2, seed 0) saved in the kit's format with its SentencePiece tokenizer.
-    Tests read it (llmkit.load) and write elsewhere; nothing may change it."""
-    tmp = tmp_path_factory.mktemp("tiny")
+    Tests read it (llmkit.load) and write elsewhere; nothing may change it. Made once per run, as the exports
+    of it are: a SentencePiece model trained in each worker differs in its bytes from the one an export carries."""
     from llmkit.checkpoint import save_hf
 
-    save_hf(tiny_model(), tmp / "model", tokenizer_path=train_sentencepiece(tmp))
-    return tmp / "model"
+    def build(folder: Path) -> Path:
+        save_hf(tiny_model(), folder / "model", tokenizer_path=train_sentencepiece(folder))
+        return folder / "model"
+
+    return built_once(tmp_path_factory, "tiny", build)
 
 
 def built_once(tmp_path_factory, name: str, build) -> Path:
