@@ -38,23 +38,21 @@ def median(values: list[float]) -> float:
 
 
 class StepTimer:
-    """Records each engine step (start, end) and each decode forward (rows, seconds, synchronized)."""
+    """Records each engine step (start, end, and its decode forward: rows, seconds, synchronized) and prefill."""
 
     def __init__(self, engine: Engine, device: torch.device):
-        self.steps: list[tuple[float, float, int]] = []
-        self.forwards: list[float] = []
+        self.steps: list[tuple[float, float, int, float]] = []  # start, end, rows decoded, forward seconds
         self.admits: list[tuple[int, float]] = []  # (requests, seconds) of each prefill of arriving requests
         step, decode, admit = engine.step, engine.decode_step, engine._admit
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        rows = [0]
+        forward = [0, 0.0]  # the rows and seconds of this step's decode, if it decoded
 
         def timed_decode(tokens, positions, cache_len=None):
             sync()
             start = time.perf_counter()
             out = decode(tokens, positions, cache_len=cache_len)
             sync()
-            self.forwards.append(time.perf_counter() - start)
-            rows[0] = tokens.shape[0]
+            forward[:] = tokens.shape[0], time.perf_counter() - start
             return out
 
         def timed_admit(requests):
@@ -64,21 +62,20 @@ class StepTimer:
             self.admits.append((len(requests), time.perf_counter() - start))
 
         def timed_step():
-            rows[0] = 0
+            forward[:] = 0, 0.0
             start = time.perf_counter()
             step()
-            self.steps.append((start, time.perf_counter(), rows[0]))
+            self.steps.append((start, time.perf_counter(), *forward))
 
         engine.decode_step, engine.step, engine._admit = timed_decode, timed_step, timed_admit
 
     def summary(self, since: int = 0) -> list[dict]:
         """Per batch size: decode steps, median step, forward and gap before the next step (ms), tokens/s."""
         steps, by_rows = self.steps[since:], {}
-        forwards = iter(self.forwards[-sum(1 for s in steps if s[2]):] if steps else [])
-        for (start, end, rows), after in zip(steps, [*steps[1:], None], strict=True):
+        for (start, end, rows, forward), after in zip(steps, [*steps[1:], None], strict=True):
             if rows:
                 gap = after[0] - end if after else float("nan")
-                by_rows.setdefault(rows, []).append((end - start, next(forwards), gap))
+                by_rows.setdefault(rows, []).append((end - start, forward, gap))
         out = []
         for rows, records in sorted(by_rows.items()):
             columns = zip(*records, strict=True)
@@ -166,9 +163,9 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "llmkit", *client, "--requests", str(max(8, 4 * c))], check=True)
             rows = timer.summary(since)
             admits = timer.admits[admits_since:]
-            median = statistics.median(a[1] for a in admits) * 1000
+            prefill_ms = median([a[1] for a in admits]) * 1000
             show(f"over HTTP, {c} clients, switch interval {sys.getswitchinterval() * 1000:g} ms "
-                 f"(prefills: {len(admits)}, median {median:.1f} ms)", rows)  # fmt: skip
+                 f"(prefills: {len(admits)}, median {prefill_ms:.1f} ms)", rows)  # fmt: skip
             results += [{"mode": "http", "clients": c, "switch_interval": sys.getswitchinterval(), **r, **record}
                         for r in rows]  # fmt: skip
         server.should_exit = True

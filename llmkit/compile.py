@@ -120,8 +120,8 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
     # tuning is per graph and takes minutes on a GPU: it pays for the one-row step, whose products inductor
     # writes itself; a batch's products are cuBLAS matmuls in a dynamic graph
     one = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=_options(model, device))
-    many_options = {k: v for k, v in _options(model, device).items() if k != "coordinate_descent_tuning"}
-    many = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=many_options)
+    many = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False,
+                         options=_options(model, device, tune=False))  # fmt: skip
     with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
         for size in tqdm(sizes if device.type == "cuda" else [1], desc="compiling the decode step", unit="batch size"):
             tokens = torch.zeros(size, 1, dtype=torch.long, device=device)
@@ -161,8 +161,8 @@ def compile_batched_prefill(llm: LLM) -> Callable[[Tensor, Tensor, int], Tensor]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model, device = llm.model, llm.device
-    options = {k: v for k, v in _options(model, device).items() if k != "coordinate_descent_tuning"}
-    compiled = torch.compile(own_copy(prefill_rows), fullgraph=True, dynamic=True, options=options)
+    compiled = torch.compile(own_copy(prefill_rows), fullgraph=True, dynamic=True,
+                             options=_options(model, device, tune=False))  # fmt: skip
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def prefill(tokens: Tensor, positions: Tensor, cache_len: int) -> Tensor:
@@ -179,10 +179,12 @@ def compile_batched_prefill(llm: LLM) -> Callable[[Tensor, Tensor, int], Tensor]
     return prefill
 
 
-def _options(model: Transformer, device: torch.device) -> dict:
+def _options(model: Transformer, device: torch.device, tune: bool = True) -> dict:
+    """Inductor's options; `tune=False` leaves out the GPU's coordinate-descent tuning (minutes per graph), which
+    pays only for one-row steps."""
     options = {"post_grad_custom_pre_pass": OneRowProductsAsLoops()}
     if device.type == "cuda":  # coordinate descent tuning: one-row matmuls as reductions at memory bandwidth
-        options["coordinate_descent_tuning"] = True
+        options["coordinate_descent_tuning"] = tune
         # the tuner times a kernel that writes into its input together with a copy of that input,
         # which hides the differences between configurations: fresh output buffers
         options["inplace_buffers"] = False
