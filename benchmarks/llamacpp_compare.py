@@ -31,8 +31,8 @@ GREEDY_TOKENS = 32
 # (file, scheme, path, the llama.cpp file of comparable precision): the F32 file for float32 and torchao's
 # schemes, each GGUF file for its own blocks
 LLMKIT_RUNS = (("f32", "none", "compile", "f32"), ("f32", "none", "pte", "f32"), ("f32", "int8wo", "compile", "q8_0"),
-               ("f32", "8da4w-32", "pte", "original"), ("q8_0", "gguf", "compile", "q8_0"),
-               ("original", "gguf", "compile", "original"))  # fmt: skip
+               ("f32", "int8wo", "aoti", "q8_0"), ("f32", "8da4w-32", "pte", "original"),
+               ("q8_0", "gguf", "compile", "q8_0"), ("original", "gguf", "compile", "original"))  # fmt: skip
 
 
 def build(source: Path) -> Path:

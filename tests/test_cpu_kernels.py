@@ -37,8 +37,10 @@ def within_bound(out: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: tor
     return bool(((out.double() - expected).abs() <= bound + 2**-24 * expected.abs() + 1e-30).all())
 
 
-# rows not a multiple of the kernel's 4 and columns not of its 16 or 8 take its tails; 3 rows of activations
-@pytest.mark.parametrize("m, n, k", [(1, 768, 288), (1, 37, 333), (1, 4, 7), (3, 50, 40), (1, 1, 1)])
+# rows not a multiple of the kernel's 4 and columns not of its 64 (VNNI: two sums, 128 a step) or 16 (AVX2) take
+# its tails; 3 rows of activations
+@pytest.mark.parametrize("m, n, k", [(1, 768, 288), (1, 37, 333), (1, 4, 7), (3, 50, 40), (1, 1, 1), (1, 12, 64),
+                                     (2, 8, 128), (1, 9, 192)])
 def test_matches_float64_and_aten(m, n, k):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     q, scale = int8_weights(n, k)
