@@ -129,6 +129,8 @@ __attribute__((target("avx512f,avx2"))) inline __m128i hsum4(__m512i a, __m512i 
   return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
+#define LLMKIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2")))
+
 // D[0..3] = 256 sum hi u + sum lo u - 128 sum xq for the four rows whose running sums are lo and hi
 __attribute__((target("avx512f,avx2"))) inline void store4(const __m512i* lo, const __m512i* hi, int64_t sum,
                                                           int64_t* D) {
@@ -138,13 +140,6 @@ __attribute__((target("avx512f,avx2"))) inline void store4(const __m512i* lo, co
   for (int j = 0; j < 4; ++j) D[j] = 256 * static_cast<int64_t>(h[j]) + l[j] - 128 * sum;
 }
 
-// One row after another, so the weights are read in address order: interleaving four rows' loads, as the AVX2
-// path does, left the processor's prefetchers behind and read memory at 9-11 GB/s where this order reads 22-27
-// (one thread; benchmarks/cpu_gemv_bench.py). Each product keeps two pairs of running sums (even and odd 64-column
-// steps) to halve its chain of dependent adds; each is exact in 32 bits for K below 65536 (at most 255 x 128 x K).
-// The last step loads only the columns that exist (zeros, which add nothing: x's are zero there).
-#define LLMKIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2")))
-
 // lo += sum lo u and hi += sum hi u over the 64 columns from k where mask m is set; u = q + 128
 LLMKIT_VNNI inline void vnni_step(const int8_t* w, const int8_t* xl, const int8_t* xh, int64_t k, __mmask64 m,
                                   __m512i& lo, __m512i& hi) {
@@ -153,6 +148,11 @@ LLMKIT_VNNI inline void vnni_step(const int8_t* w, const int8_t* xl, const int8_
   hi = _mm512_dpbusd_epi32(hi, u, _mm512_maskz_loadu_epi8(m, xh + k));
 }
 
+// One row after another, so the weights are read in address order: four rows' loads interleaved (as the AVX2
+// path does) left the processor's prefetchers behind, reading memory at under half the rate of this order (chapter
+// 8 has the model's figures). Each product keeps two pairs of running sums (even and odd 64-column steps) to halve
+// its chain of dependent adds; each is exact in 32 bits for K below 65536 (at most 255 x 128 x K). The last step
+// loads only the columns that exist (zeros, which add nothing: x's are zero there).
 LLMKIT_VNNI void dots_vnni(const QuantizedRow& r, const int8_t* q, int64_t K, int64_t n0, int64_t n1, int64_t* D) {
   const int8_t *xl = r.lo.data(), *xh = r.hi.data();
   const int64_t K64 = K & ~int64_t(63), K128 = K & ~int64_t(127);
@@ -178,8 +178,8 @@ LLMKIT_VNNI void dots_vnni(const QuantizedRow& r, const int8_t* q, int64_t K, in
 }
 
 // x's 64-column steps held in registers where they fit (K <= 768: 12 steps of lo and hi take 24 of the 32), so
-// the loop loads weights alone: a third of the loads of the loop above, which is what bounds a matrix read from
-// the cache (60-73 GB/s against 41-48 with x loaded at each step, one thread). Rows in address order, as above.
+// the loop loads weights alone, a third of the loads of the loop above: loads, not memory, bound a matrix that
+// comes from the cache, as a small model's do. Rows in address order, as above.
 template <int NC>
 LLMKIT_VNNI void dots_vnni_held(const QuantizedRow& r, const int8_t* q, int64_t K, int64_t n0, int64_t n1,
                                 int64_t* D) {
