@@ -8,48 +8,25 @@ A batch of B requests, one query each, attends to a window of S cached positions
   compiled        the model's attention code compiled with llmkit's inductor options (its graph pass writes a
                   one-query attention as loops), as the serving decode step is
   compiled, no pass  compiled with inductor's defaults
-Prints microseconds per call (CUDA events, median of 5 runs of 20 calls) and the rate at which each reads the
-window's keys and values.
+Each is timed as gemv_bench.py times a product, recorded as a CUDA graph as the serving step is (microseconds per
+call, median of 5 runs of 20 replays), with the rate at which it reads the window's keys and values.
 
     python benchmarks/decode_attention.py --shape llama-2-7b --batch-sizes 1 16 --windows 256 1024
 """
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from gemv_bench import time_per_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmkit.bench import environment  # noqa: E402
 from llmkit.compile import _options  # noqa: E402
-from llmkit.model import grouped_attention, shape_args  # noqa: E402
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """As `Attention.forward` computes it in a decode step."""
-    if k.shape[1] != q.shape[1]:
-        return grouped_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def time_us(fn, inner: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / inner)
-    return statistics.median(times)
+from llmkit.model import attend, shape_args  # noqa: E402
 
 
 def main() -> None:
@@ -62,8 +39,8 @@ def main() -> None:
     a = shape_args(args.shape, max(args.windows))
     H, H_kv, D = a.n_heads, a.n_kv_heads or a.n_heads, a.head_dim
     device, dtype = torch.device("cuda"), torch.bfloat16
-    compiled = torch.compile(attention, dynamic=False, options=_options(torch.nn.Module(), device, tune=False))
-    plain = torch.compile(attention, dynamic=False)
+    compiled = torch.compile(attend, dynamic=False, options=_options(torch.nn.Module(), device, tune=False))
+    plain = torch.compile(attend, dynamic=False)
     no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     rows = []
     for S in args.windows:
@@ -76,14 +53,14 @@ def main() -> None:
 
             def without_cudnn(q=q, k=k, v=v, mask=mask):
                 with sdpa_kernel(no_cudnn):
-                    return attention(q, k, v, mask)
+                    return attend(q, k, v, mask)
 
-            ways = {"sdpa": lambda q=q, k=k, v=v, mask=mask: attention(q, k, v, mask), "sdpa no cuDNN": without_cudnn,
+            ways = {"sdpa": lambda q=q, k=k, v=v, mask=mask: attend(q, k, v, mask), "sdpa no cuDNN": without_cudnn,
                     "compiled": lambda q=q, k=k, v=v, mask=mask: compiled(q, k, v, mask),
                     "compiled, no pass": lambda q=q, k=k, v=v, mask=mask: plain(q, k, v, mask)}  # fmt: skip
             expected = without_cudnn().float()
             with torch.inference_mode():
-                us = {name: time_us(fn) for name, fn in ways.items()}
+                us = {name: time_per_call([fn]) for name, fn in ways.items()}
                 error = {name: (fn().float() - expected).abs().max().item() for name, fn in ways.items()}
             kv_bytes = 2 * B * H_kv * S * D * k.element_size()
             row = {"shape": args.shape, "batch": B, "window": S, "kv_bytes": kv_bytes, "us": us,

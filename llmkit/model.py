@@ -166,12 +166,15 @@ class Attention(nn.Module):
                 k, v = k.index_select(2, window), v.index_select(2, window)
             else:
                 k, v = k[:, :, :width], v[:, :, :width]
-        if mask is not None and k.shape[1] != q.shape[1]:
-            y = grouped_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=k.shape[1] != q.shape[1])  # fmt: skip
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of q [B, H, T, D] to k, v [B, H_kv, S, D] under mask (causal where there is none)."""
+    if mask is not None and k.shape[1] != q.shape[1]:
+        return grouped_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])  # fmt: skip
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

@@ -215,8 +215,9 @@ LLMKIT_VNNI void dots_vnni_held(const QuantizedRow& r, const int8_t* q, int64_t 
   if (n < n1) dots_portable(r, q, K, n, n1, D);
 }
 
+// by the number of 64-column steps; no columns need no registers: the loop above makes the zero sums
 using Dots = void (*)(const QuantizedRow&, const int8_t*, int64_t, int64_t, int64_t, int64_t*);
-constexpr Dots DOTS_VNNI_HELD[] = {nullptr, dots_vnni_held<1>, dots_vnni_held<2>, dots_vnni_held<3>,
+constexpr Dots DOTS_VNNI_HELD[] = {dots_vnni, dots_vnni_held<1>, dots_vnni_held<2>, dots_vnni_held<3>,
                                    dots_vnni_held<4>, dots_vnni_held<5>, dots_vnni_held<6>, dots_vnni_held<7>,
                                    dots_vnni_held<8>, dots_vnni_held<9>, dots_vnni_held<10>, dots_vnni_held<11>,
                                    dots_vnni_held<12>};
