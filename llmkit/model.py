@@ -130,12 +130,13 @@ class KVCache(nn.Module):
             self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
             return self.k_cache, self.v_cache
         B = k.shape[0]
-        k_cache, v_cache = self.k_cache[:B], self.v_cache[:B]  # views: the writes land in the cache
         rows = torch.arange(B, device=k.device)[:, None]
-        # indexing [rows, :, input_pos] selects [B, T, H_kv, D]: the heads move behind the positions
-        k_cache[rows, :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache[rows, :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
-        return k_cache, v_cache
+        # indexing [rows, :, input_pos] selects [B, T, H_kv, D]: the heads move behind the positions. Written
+        # into the whole buffer, not a view of its first B rows: compiled with B dynamic, a write into the view
+        # becomes a copy of those rows out and back, every row's whole cache at every step
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        return self.k_cache[:B], self.v_cache[:B]
 
 
 class Attention(nn.Module):
