@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmkit.bench import environment  # noqa: E402
-from llmkit.compile import _options  # noqa: E402
+from llmkit.compile import _options, own_copy  # noqa: E402
 from llmkit.model import attend, shape_args  # noqa: E402
 
 
@@ -39,8 +39,11 @@ def main() -> None:
     a = shape_args(args.shape, max(args.windows))
     H, H_kv, D = a.n_heads, a.n_kv_heads or a.n_heads, a.head_dim
     device, dtype = torch.device("cuda"), torch.bfloat16
-    compiled = torch.compile(attend, dynamic=False, options=_options(torch.nn.Module(), device, tune=False))
-    plain = torch.compile(attend, dynamic=False)
+    # each its own copy of `attend`, and room for every shape: past dynamo's limit of compiled shapes per code
+    # object (8) a call runs eager, as the first run of this script did for its last shapes
+    torch._dynamo.config.recompile_limit = 2 * len(args.batch_sizes) * len(args.windows)
+    compiled = torch.compile(own_copy(attend), dynamic=False, options=_options(torch.nn.Module(), device, tune=False))
+    plain = torch.compile(own_copy(attend), dynamic=False)
     no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     rows = []
     for S in args.windows:
