@@ -33,12 +33,11 @@ def test_a_batched_forward_with_its_own_positions_per_row_equals_each_row_alone(
     torch.testing.assert_close(window, logits, rtol=1e-5, atol=1e-5)
 
 
-
 def test_a_step_compiled_for_any_batch_size_writes_the_cache_in_place(make_model):
     """Compiled with the batch size dynamic (as the GPU's batched decode graph is), the step writes each row's new
     key and value into the cache itself. Writing through a view of the cache's first B rows made inductor copy
-    those rows out and back at every step: on the GPU, most of a 16-row llama-2-7b step (benchmarks/engine_steps.py
-    --profile). Logits within float32 rounding of eager's."""
+    those rows out and back at every step: on the GPU, a quarter of a 16-row llama-2-7b step
+    (benchmarks/engine_steps.py --profile). Logits within float32 rounding of eager's."""
     from torch._inductor.utils import run_and_get_code
 
     model = make_model()
@@ -55,6 +54,7 @@ def test_a_step_compiled_for_any_batch_size_writes_the_cache_in_place(make_model
     a = model.args
     rows_of_cache = f"{a.n_kv_heads}, {a.max_seq_len}, {a.head_dim}), "
     assert not [line for line in code.splitlines() if "empty_strided" in line and rows_of_cache in line]
+
 
 def test_eight_greedy_requests_batched_equal_each_alone(tiny_folder, engine, monkeypatch):
     monkeypatch.setattr("llmkit.engine.CACHE_BLOCK", 8)  # steps attend to windows of 8, 16, ... cache positions
