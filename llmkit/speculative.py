@@ -28,6 +28,8 @@ from llmkit.sampling import check_sampling, probabilities
 from llmkit.tokenizer import Tokenizer, find_tokenizer
 
 MAX_K = 32  # guesses per round: past this the draft's guesses are almost never all accepted
+BROKEN_LOGITS = ("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
+                 "check the checkpoint, or load it in float32")  # fmt: skip
 
 
 @dataclass
@@ -81,13 +83,19 @@ def _row_probabilities(logits: Tensor, vocab: int, temperature: float, top_k: in
     """`probabilities` of each row of logits [T, V], on the CPU, cut to the tokenizer's ids."""
     logits = logits[:, :vocab].float().cpu()
     if not torch.isfinite(logits).all():
-        raise LLMKitError("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
-                          "check the checkpoint, or load it in float32")  # fmt: skip
+        raise LLMKitError(BROKEN_LOGITS)
     return [probabilities(row, temperature, top_k, top_p) for row in logits]
 
 
 def _draw(weights: Tensor, rng: torch.Generator) -> int:
     return int(torch.multinomial(weights, 1, generator=rng))
+
+
+def _draw_on_device(weights: Tensor, rng: torch.Generator) -> Tensor:
+    """A token [1] drawn with probability proportional to `weights`, left on their device: the index of the
+    largest w_i / e_i, e_i exponential (the first of exponential clocks of rates w_i to ring), so nothing waits
+    for a copy, and weights broken by NaN give a token instead of a device-side error."""
+    return (weights / torch.empty_like(weights).exponential_(generator=rng)).argmax().view(1)
 
 
 def accept(p: Sequence[Tensor], q: Sequence[Tensor], guesses: Sequence[int], rng: torch.Generator) -> tuple[int, int]:
@@ -150,9 +158,10 @@ class SpeculativeLLM(LLM):
         def dist(logits: Tensor) -> list[Tensor]:
             return _row_probabilities(logits, vocab, temperature, top_k, top_p)
 
-        def run(llm: LLM, tokens: Sequence[int], start: int) -> Tensor:
+        def run(llm: LLM, tokens: Tensor, start: int) -> Tensor:
+            """Logits [T, V] of tokens [T] at positions start...: tokens on the device, so the GPU need not wait."""
             positions = torch.arange(start, start + len(tokens), device=llm.device)
-            logits = llm.step(torch.tensor([list(tokens)], device=llm.device), positions)
+            logits = llm.step(tokens.to(llm.device)[None], positions)
             if logits.shape[1] != len(tokens):  # an exported .pte returns the last position only
                 raise LLMKitError(f"{llm.name} returns only its last position's logits; speculative decoding needs "
                                   "every position's: use its checkpoint")  # fmt: skip
@@ -172,9 +181,14 @@ class SpeculativeLLM(LLM):
                 on_text(piece)
             return len(out.tokens) == max_new_tokens
 
+        def on_device(tokens: Sequence[int]) -> Tensor:
+            return torch.tensor(tokens, device=draft.device)
+
         start = time.perf_counter()
         seq = list(ids)  # the prompt and every token so far; seq[-1] is not yet in any cache
-        (first,) = dist(run(target, ids, 0)[-1:])
+        # the draft draws its guesses on the device with a generator of its own, seeded from the request's
+        draws = torch.Generator(draft.device).manual_seed(int(torch.randint(2**62, (), generator=rng)))
+        (first,) = dist(run(target, on_device(ids), 0)[-1:])
         seq.append(_draw(first, rng))
         decode_start = time.perf_counter()
         stats.time_to_first_token = decode_start - start
@@ -183,25 +197,34 @@ class SpeculativeLLM(LLM):
         while not done:
             n = len(seq) - 1
             if n >= room:  # no room for another round: the target alone, one token at a time
-                (p,) = dist(run(target, seq[-1:], n))
+                (p,) = dist(run(target, on_device(seq[-1:]), n))
                 seq.append(_draw(p, rng))
                 done = emit(seq[-1])
                 continue
             if in_draft == 0:  # the draft's prefill, once a round is sure to fit
-                run(draft, seq[:n], 0)
+                run(draft, on_device(seq[:n]), 0)
                 in_draft = n
-            guesses, q = [], []
-            # the draft catches up on what it has not seen: the last token, and after a round it guessed in full its
-            # last guess too; one at a time, so a compiled draft stays on its one-token step
-            for pos in range(in_draft, n + 1):
-                logits = run(draft, seq[pos : pos + 1], pos)
+            # A round stays on the device between one copy in (the tokens the draft has not seen) and one out (the
+            # guesses and both models' distributions): each guess is drawn there and fed to the next draft step, so
+            # the GPU never waits for the CPU within a round. The draft catches up on the last token, and after a
+            # round it guessed in full its last guess too; one at a time, so a compiled draft stays on its one-token
+            # step.
+            unseen = on_device(seq[in_draft:])
+            for i in range(len(unseen)):
+                logits = run(draft, unseen[i : i + 1], in_draft + i)
+            guesses, q, finite = [], [], torch.ones((), dtype=torch.bool, device=draft.device)
             for i in range(k):
-                (qi,) = dist(logits)
-                q.append(qi)
-                guesses.append(_draw(qi, rng))
+                finite &= torch.isfinite(logits[-1, :vocab]).all()
+                q.append(probabilities(logits[-1, :vocab], temperature, top_k, top_p))
+                guesses.append(_draw_on_device(q[-1], draws))
                 if i + 1 < k:
-                    logits = run(draft, guesses[-1:], n + 1 + i)
-            p = dist(run(target, [seq[-1], *guesses], n))
+                    logits = run(draft, guesses[-1], n + 1 + i)
+            scores = run(target, torch.cat([unseen[-1:], *guesses]), n)[:, :vocab]
+            finite &= torch.isfinite(scores).all().to(finite.device)
+            p = torch.stack([probabilities(row, temperature, top_k, top_p) for row in scores])
+            guesses, p, q = torch.cat(guesses).tolist(), p.cpu(), torch.stack(q).cpu()
+            if not finite:
+                raise LLMKitError(BROKEN_LOGITS)
             n_accepted, next_token = accept(p, q, guesses, rng)
             stats.rounds += 1
             stats.proposed += k

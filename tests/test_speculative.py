@@ -156,6 +156,17 @@ def small_pair(make_model) -> tuple[LLM, LLM]:
     return LLM(make_model(SMALL, seed=0, std=0.3), tok), LLM(make_model(SMALL, seed=5, std=0.3), tok)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_draft_with_broken_weights_is_one_clear_error(pair, temperature):
+    """The draft's guesses are drawn on the device, where NaN logits would still give a token: the round checks
+    them and stops with the same line as the target alone."""
+    draft = llmkit.load(DRAFT)
+    with torch.no_grad():
+        draft.model.output.weight[0, 0] = float("nan")
+    with pytest.raises(LLMKitError, match="weights are broken"):
+        speculate(pair[0], draft, 3).generate(PROMPTS[0], max_new_tokens=8, temperature=temperature, seed=0)
+
+
 def test_the_chi_square_test_tells_the_draft_from_the_target(small_pair):
     """The test has the power to fail: the draft's own samples are rejected as the target's."""
     target, draft = small_pair
