@@ -56,11 +56,14 @@ def argmax(logits: Tensor) -> int:
     return int(np.argmax(row)) if row is not None else int(logits.argmax())
 
 
+BROKEN_LOGITS = ("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
+                 "check the checkpoint, or load it in float32")  # fmt: skip
+
+
 def check_finite(logits: Tensor) -> None:
     row = _as_numpy(logits)
     if not (np.isfinite(row).all() if row is not None else torch.isfinite(logits).all()):
-        raise LLMKitError("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
-                          "check the checkpoint, or load it in float32")  # fmt: skip
+        raise LLMKitError(BROKEN_LOGITS)
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, rng: torch.Generator) -> int:

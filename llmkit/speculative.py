@@ -24,12 +24,10 @@ from torch import Tensor
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM, Generation, Stats, StreamDecoder
 from llmkit.loading import load
-from llmkit.sampling import check_sampling, probabilities
+from llmkit.sampling import BROKEN_LOGITS, check_finite, check_sampling, probabilities
 from llmkit.tokenizer import Tokenizer, find_tokenizer
 
 MAX_K = 32  # guesses per round: past this the draft's guesses are almost never all accepted
-BROKEN_LOGITS = ("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "
-                 "check the checkpoint, or load it in float32")  # fmt: skip
 
 
 @dataclass
@@ -82,8 +80,7 @@ def _row_probabilities(logits: Tensor, vocab: int, temperature: float, top_k: in
                        top_p: float | None) -> list[Tensor]:  # fmt: skip
     """`probabilities` of each row of logits [T, V], on the CPU, cut to the tokenizer's ids."""
     logits = logits[:, :vocab].float().cpu()
-    if not torch.isfinite(logits).all():
-        raise LLMKitError(BROKEN_LOGITS)
+    check_finite(logits)
     return [probabilities(row, temperature, top_k, top_p) for row in logits]
 
 
