@@ -1,8 +1,9 @@
 #!/bin/bash
 # One device call: kernel tests, the GEMV sweep and table, the AOTI investigation, the model bench (#27); the GPU
-# tests of the whole suite and the serving figures of random-weight shapes (#25).
+# tests of the whole suite, the serving figures of random-weight shapes and the decode attention's (#25); the
+# compiled speculative pair (#28).
 # Usage (on the GPU machine, from the repository root): bash benchmarks/gpu_session.sh STAGES OUT
-# STAGES: comma-separated of tests,gputests,sweep,gemv,aoti,bench,serve
+# STAGES: comma-separated of tests,gputests,sweep,gemv,aoti,bench,serve,attn,spec
 set -u
 STAGES=$1; OUT=$2
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -51,4 +52,15 @@ if has serve; then  # SERVE_SHAPES, SERVE_COMPILE="--compile" or empty
       > $OUT/serve-$shape.log 2>&1
     tail -8 $OUT/serve-$shape.log
   done
+fi
+if has attn; then  # one layer's decode attention by batch and cache window (#25)
+  for shape in llama-2-7b llama-3.2-1b; do
+    timeout 150 python3 benchmarks/decode_attention.py --shape $shape --batch-sizes 1 4 16 --windows 256 1024 \
+      --out $OUT/attention.jsonl 2>&1 | grep "^B="
+  done
+fi
+if has spec; then  # the compiled speculative pair, k = 4 (#28): training the target takes ~100 s
+  timeout $((${SPEC_END:-570} - SECONDS)) python3 benchmarks/speculative_gpu.py --dim 2048 --layers 24 --steps 300 \
+    --path compile --speculate-k 4 --out $OUT/speculative.jsonl > $OUT/speculative.log 2>&1
+  grep "^|\|target:" $OUT/speculative.log
 fi
