@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -140,12 +141,17 @@ __attribute__((target("avx512f,avx2"))) inline void store4(const __m512i* lo, co
   for (int j = 0; j < 4; ++j) D[j] = 256 * static_cast<int64_t>(h[j]) + l[j] - 128 * sum;
 }
 
-// lo += sum lo u and hi += sum hi u over the 64 columns from k where mask m is set; u = q + 128
-LLMKIT_VNNI inline void vnni_step(const int8_t* w, const int8_t* xl, const int8_t* xh, int64_t k, __mmask64 m,
-                                  __m512i& lo, __m512i& hi) {
-  const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + k), _mm512_set1_epi8(static_cast<char>(0x80)));
-  lo = _mm512_dpbusd_epi32(lo, u, _mm512_maskz_loadu_epi8(m, xl + k));
-  hi = _mm512_dpbusd_epi32(hi, u, _mm512_maskz_loadu_epi8(m, xh + k));
+// lo += sum xl u and hi += sum xh u over the 64 weights at w where mask m is set; u = q + 128
+LLMKIT_VNNI inline void vnni_step(const int8_t* w, __mmask64 m, __m512i xl, __m512i xh, __m512i& lo, __m512i& hi) {
+  const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w), _mm512_set1_epi8(static_cast<char>(0x80)));
+  lo = _mm512_dpbusd_epi32(lo, u, xl);
+  hi = _mm512_dpbusd_epi32(hi, u, xh);
+}
+
+// vnni_step on the 64 columns from k, x's loaded from memory
+LLMKIT_VNNI inline void vnni_step_at(const int8_t* w, const int8_t* xl, const int8_t* xh, int64_t k, __mmask64 m,
+                                     __m512i& lo, __m512i& hi) {
+  vnni_step(w + k, m, _mm512_maskz_loadu_epi8(m, xl + k), _mm512_maskz_loadu_epi8(m, xh + k), lo, hi);
 }
 
 // One row after another, so the weights are read in address order: four rows' loads interleaved (as the AVX2
@@ -164,11 +170,11 @@ LLMKIT_VNNI void dots_vnni(const QuantizedRow& r, const int8_t* q, int64_t K, in
       const int8_t* w = q + (n + j) * K;
       __m512i lo0 = _mm512_setzero_si512(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
       for (int64_t k = 0; k < K128; k += 128) {
-        vnni_step(w, xl, xh, k, all, lo0, hi0);
-        vnni_step(w, xl, xh, k + 64, all, lo1, hi1);
+        vnni_step_at(w, xl, xh, k, all, lo0, hi0);
+        vnni_step_at(w, xl, xh, k + 64, all, lo1, hi1);
       }
-      if (K128 < K64) vnni_step(w, xl, xh, K128, all, lo0, hi0);
-      if (K64 < K) vnni_step(w, xl, xh, K64, tail, lo1, hi1);
+      if (K128 < K64) vnni_step_at(w, xl, xh, K128, all, lo0, hi0);
+      if (K64 < K) vnni_step_at(w, xl, xh, K64, tail, lo1, hi1);
       lo[j] = _mm512_add_epi32(lo0, lo1);
       hi[j] = _mm512_add_epi32(hi0, hi1);
     }
@@ -191,7 +197,6 @@ LLMKIT_VNNI void dots_vnni_held(const QuantizedRow& r, const int8_t* q, int64_t 
     xl[c] = _mm512_maskz_loadu_epi8(c == NC - 1 ? tail : all, r.lo.data() + 64 * c);
     xh[c] = _mm512_maskz_loadu_epi8(c == NC - 1 ? tail : all, r.hi.data() + 64 * c);
   }
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     __m512i lo[4], hi[4];
@@ -202,10 +207,8 @@ LLMKIT_VNNI void dots_vnni_held(const QuantizedRow& r, const int8_t* q, int64_t 
                          _mm512_setzero_si512()};  // lo and hi of even steps, then of odd steps
 #pragma GCC unroll 16
       for (int c = 0; c < NC; ++c) {
-        const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(c == NC - 1 ? tail : all, w + 64 * c), bias);
         const int p = 2 * (c & 1);
-        sums[p] = _mm512_dpbusd_epi32(sums[p], u, xl[c]);
-        sums[p + 1] = _mm512_dpbusd_epi32(sums[p + 1], u, xh[c]);
+        vnni_step(w + 64 * c, c == NC - 1 ? tail : all, xl[c], xh[c], sums[p], sums[p + 1]);
       }
       lo[j] = _mm512_add_epi32(sums[0], sums[2]);
       hi[j] = _mm512_add_epi32(sums[1], sums[3]);
@@ -221,7 +224,7 @@ constexpr Dots DOTS_VNNI_HELD[] = {dots_vnni, dots_vnni_held<1>, dots_vnni_held<
                                    dots_vnni_held<4>, dots_vnni_held<5>, dots_vnni_held<6>, dots_vnni_held<7>,
                                    dots_vnni_held<8>, dots_vnni_held<9>, dots_vnni_held<10>, dots_vnni_held<11>,
                                    dots_vnni_held<12>};
-constexpr int64_t HELD_STEPS = 12;
+constexpr int64_t HELD_STEPS = std::size(DOTS_VNNI_HELD) - 1;
 
 // LLMKIT_CPU_KERNEL=portable|avx2 picks a slower path on any CPU, for the tests
 int level() {
