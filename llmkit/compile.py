@@ -104,23 +104,31 @@ def batch_sizes(max_batch_size: int) -> list[int]:
     return [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size] + [max_batch_size]
 
 
+def decode_windows(max_seq_len: int) -> list[int]:
+    """The cache windows a GPU's batched decode graphs attend to: 256 positions, doubling (seven at most), then
+    the whole cache. Each is a compilation of its own, and dynamo keeps at most 8 per function."""
+    return [w for w in (256 << i for i in range(7)) if w < max_seq_len] + [max_seq_len]
+
+
 def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, Tensor, int | None], Tensor]:
     """A serving engine's decode step (tokens and positions [B, 1], and the cache positions in use): one row
     compiled as `compile`'s decode step (tuned, one-row products as loops). On a GPU more rows run as one graph
-    whose batch size is dynamic, each of `batch_sizes` recorded from it as a CUDA graph, as vLLM captures them,
-    B rows padded to the next size. On a CPU more rows run eager, attending to the cache in use only: measured
-    faster there than a compiled batch over the whole cache (notebook 09). Call after the engine has set up the
-    model's cache of max_batch_size rows.
+    per cache window (`decode_windows`) whose batch size is dynamic, each of `batch_sizes` recorded from it as a
+    CUDA graph, as vLLM captures them, B rows padded to the next size and the positions in use rounded up to the
+    next window: a graph's shapes are fixed, and a step over the whole cache reads every row's keys and values at
+    every position. On a CPU more rows run eager, attending to the cache in use only: measured faster there than a
+    compiled batch over the whole cache (notebook 09). Call after the engine has set up the model's cache of
+    max_batch_size rows.
 
     A padding row decodes token 0 at position 0 of a cache row no request holds; a request that takes that row
     later writes its prompt there before reading it.
     """
     model, device = llm.model, llm.device
-    sizes, graphs = batch_sizes(max_batch_size), {}
+    sizes, windows, graphs = batch_sizes(max_batch_size), decode_windows(model.args.max_seq_len), {}
     # tuning is per graph and takes minutes on a GPU: it pays for the one-row step, whose products inductor
     # writes itself; a batch's products are cuBLAS matmuls in a dynamic graph
     one = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=_options(model, device))
-    many = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False,
+    many = torch.compile(own_copy(forward_rows), fullgraph=True, dynamic=False,
                          options=_options(model, device, tune=False))  # fmt: skip
     with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
         for size in tqdm(sizes if device.type == "cuda" else [1], desc="compiling the decode step", unit="batch size"):
@@ -129,26 +137,29 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
             if size > 1:  # dynamo would otherwise compile a graph per size
                 for t in (tokens, positions):
                     torch._dynamo.mark_dynamic(t, 0, min=2, max=max_batch_size)
-            fn = partial(one if size == 1 else many, model)
-            for _ in range(2):  # compile and tune, then run once more
-                fn(tokens, positions)
-            if device.type == "cuda":
-                graphs[size] = _record_cuda_graph(fn, tokens, positions)
+            # one row attends to the whole cache: its tuned graph is compiled once, and its reads are the weights'
+            for window in windows if size > 1 else [None]:
+                fn = partial(one, model) if size == 1 else partial(many, model, cache_len=window)
+                for _ in range(2):  # compile and tune, then run once more
+                    fn(tokens, positions)
+                if device.type == "cuda":
+                    graphs[size, window] = _record_cuda_graph(fn, tokens, positions)
 
     def decode(tokens: Tensor, positions: Tensor, cache_len: int | None = None) -> Tensor:
         rows = tokens.shape[0]
         if device.type != "cuda":
             return one(model, tokens, positions) if rows == 1 else model(tokens, positions, cache_len=cache_len)
-        size = next(s for s in sizes if s >= rows)  # a graph's shapes are fixed: the whole cache
+        size = next(s for s in sizes if s >= rows)
+        window = None if size == 1 else next(w for w in windows if w >= (cache_len or model.args.max_seq_len))
         if size > rows:
             tokens = torch.cat([tokens, tokens.new_zeros(size - rows, 1)])
             positions = torch.cat([positions, positions.new_zeros(size - rows, 1)])
-        return graphs[size](tokens, positions)[:rows]
+        return graphs[size, window](tokens, positions)[:rows]
 
     return decode
 
 
-def prefill_rows(model: Transformer, tokens: Tensor, positions: Tensor, cache_len: int) -> Tensor:
+def forward_rows(model: Transformer, tokens: Tensor, positions: Tensor, cache_len: int) -> Tensor:
     return model(tokens, positions, cache_len=cache_len)
 
 
@@ -161,7 +172,7 @@ def compile_batched_prefill(llm: LLM) -> Callable[[Tensor, Tensor, int], Tensor]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model, device = llm.model, llm.device
-    compiled = torch.compile(own_copy(prefill_rows), fullgraph=True, dynamic=True,
+    compiled = torch.compile(own_copy(forward_rows), fullgraph=True, dynamic=True,
                              options=_options(model, device, tune=False))  # fmt: skip
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

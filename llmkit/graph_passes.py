@@ -34,7 +34,8 @@ class OneRowProductsAsLoops(CustomGraphPass):
     memory bandwidth (and for int8 weights first widens the whole matrix), and ATen's attention kernels,
     built for long queries, spend most of a decode step's attention time on setup. On a GPU inductor
     writes a one-row matmul as a reduction itself; the pass has its input computed once, in its own
-    16-bit dtype, rather than inside every output row's program. Notebook 08 measures each effect.
+    16-bit dtype, rather than inside every output row's program, and leaves attention to cuDNN.
+    Notebook 08 measures each effect.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -125,14 +126,11 @@ def _one_row_addmm(match: Match, bias, x, w) -> None:
     CallFunction(aten._scaled_dot_product_flash_attention_for_cpu.default, Arg(), Arg(), Arg(), attn_mask=Arg()),
     pass_dict=_one_row_products,
 )
-@register_graph_pattern(  # cuDNN's, which Hopper GPUs run (query, key, value, mask, compute_log_sumexp)
-    CallFunction(aten._scaled_dot_product_cudnn_attention.default, Arg(), Arg(), Arg(), Arg(), False),
-    pass_dict=_one_row_products,
-)
 def _one_query_attention(match: Match, q, k, v, mask) -> None:
+    # the CPU's only: on an H200 the loops were no faster than cuDNN's kernel at any batch size and cache window
+    # measured, and twice as slow over 1024 positions (data/benchmarks/gpu/h200-decode-attention.jsonl)
     if _is_one_row(q, dim=2) and mask.meta["val"].shape[1:3] == (1, 1):  # one mask row for all heads
-        unused = (None,) * (len(match.output_node().meta["val"]) - 2)  # cuDNN's extra outputs, for training
-        match.replace_by_example(lambda *qkvm: _attention_of_one_query(*qkvm) + unused, [q, k, v, mask])
+        match.replace_by_example(_attention_of_one_query, [q, k, v, mask])
 
 
 def _attention_of_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -105,33 +105,6 @@ def test_one_row_products_become_fused_loops():
             torch.testing.assert_close(out, fn(x), atol=atol, rtol=0 if kernel else 1e-5)
 
 
-def test_the_gpu_attention_of_one_query_becomes_sums():
-    """An H100 decode step calls cuDNN's attention (9 outputs, only the first used); the pass writes it for
-    one query as multiplies and sums, eager's to float32 rounding with the same additive mask, and leaves
-    a prefill's call alone. The graph is traced on the CPU, as inductor's post-grad graph would hold it."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention.default
-
-    def attention(q, k, v, bias):
-        return cudnn(q, k, v, bias, False)[0]
-
-    torch.manual_seed(0)
-    k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 4, 40, 16)
-    for rows, replaced in ((1, True), (3, False)):
-        q = torch.randn(1, 4, rows, 16)
-        bias = torch.where(torch.arange(40) < 25, 0.0, -65536.0).expand(1, 1, rows, 40)  # cuDNN's mask
-        fake = FakeTensorMode(allow_non_fake_inputs=True)
-        graph = make_fx(attention)(*(fake.from_tensor(t) for t in (q, k, v, bias)))
-        OneRowProductsAsLoops()(graph.graph)
-        graph.recompile()
-        assert (cudnn not in [node.target for node in graph.graph.nodes]) == replaced, rows
-        if replaced:
-            expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            torch.testing.assert_close(graph(q, k, v, bias), expected, atol=1e-5, rtol=1e-5)
-
-
 def test_the_input_of_a_one_row_reduction_is_computed_once():
     """On a GPU inductor writes a one-row matmul as (x[:, :, None] * w[None]).sum(1); the pass marks x,
     here silu(a) * b as in the MLP, to be computed once rather than inside each output row's program."""

@@ -23,8 +23,9 @@ ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, h
 TOLERANCE = 0.1
 
 
-def _model(make_model, scheme: str, n_kv_heads: int) -> LLM:
-    model = make_model(ARGS, std=0.2, dtype=torch.bfloat16, device="cuda", n_kv_heads=n_kv_heads)  # logits ~1
+def _model(make_model, scheme: str, n_kv_heads: int, **changes) -> LLM:
+    # std 0.2: logits ~1
+    model = make_model(ARGS, std=0.2, dtype=torch.bfloat16, device="cuda", n_kv_heads=n_kv_heads, **changes)
     llm = LLM(model, None, name=scheme)
     if scheme != "none":
         quantize(llm, scheme)
@@ -41,7 +42,7 @@ def _logits(llm: LLM, tokens: torch.Tensor) -> torch.Tensor:
 
 
 # Grouped key heads (2 for 4 query heads) and one per query head, as llama-2-7b: SDPA may pick another
-# kernel for each, and the compiled step writes cuDNN's attention of one query as sums.
+# kernel for each.
 @pytest.mark.parametrize("scheme, n_kv_heads", [("none", 2), ("none", 4), ("int8wo", 2), ("int4wo-128", 2)])
 def test_compiled_decode_on_the_gpu_matches_eager(scheme, n_kv_heads, make_model):
     tokens = torch.randint(0, ARGS.vocab_size, (1, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -60,23 +61,27 @@ def test_compiled_decode_on_the_gpu_matches_eager(scheme, n_kv_heads, make_model
 
 
 def test_serving_engine_compiled_per_batch_size_matches_eager_on_the_gpu(make_model):
-    """`serve --compile` on a GPU: a CUDA graph per batch size (1, 2, 4), batches of 3 padded to 4. The logits of
-    every row of every step, batched, against the eager batched step on the same rows (same tolerance)."""
-    from llmkit.compile import compile_batched_decode
+    """`serve --compile` on a GPU: a CUDA graph per batch size (1, 2, 4) and cache window (256, 512, 600), batches
+    of 3 padded to 4, the positions in use rounded up to a window. The logits of every row of every step, batched,
+    against the eager batched step on the same rows and positions (same tolerance)."""
+    from llmkit.compile import compile_batched_decode, decode_windows
 
-    llm = _model(make_model, "none", 2)
+    llm = _model(make_model, "none", 2, max_seq_len=600)
+    assert decode_windows(600) == [256, 512, 600]
     llm.model.setup_buffers(4)
     step = compile_batched_decode(llm, 4)
     prompts = torch.randint(0, ARGS.vocab_size, (3, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     with torch.inference_mode():
         llm.model(prompts, torch.arange(8, device="cuda")[None].expand(3, 8))  # each row's prompt in its cache row
         tokens, positions, diffs = prompts[:, -1:], torch.full((3, 1), 8, device="cuda"), []
-        for rows in (3, 3, 2, 1):  # requests leave: the batch shrinks, padded to 4, then 2 and 1
-            compiled = step(tokens[:rows], positions[:rows])[:, -1].float()
-            eager = llm.model(tokens[:rows], positions[:rows])[:, -1].float()  # rewrites the same cache entries
+        # requests leave: the batch shrinks, padded to 4, then 2 and 1; the engine's windows, then the whole cache
+        for rows, cache_len in ((3, 16), (3, 300), (2, 512), (2, None), (1, 256)):
+            compiled = step(tokens[:rows], positions[:rows], cache_len=cache_len)[:, -1].float()
+            # rewrites the same cache entries
+            eager = llm.model(tokens[:rows], positions[:rows], cache_len=cache_len)[:, -1].float()
             diffs.append((compiled - eager).abs().max().item())
             tokens, positions = eager.argmax(-1, keepdim=True), positions + 1
-    print(f"MEASURED serving engine, compiled per batch size: max |compiled - eager| = {max(diffs):.4f}")
+    print(f"MEASURED serving engine, compiled per batch size and window: max |compiled - eager| = {max(diffs):.4f}")
     assert max(diffs) <= TOLERANCE
 
 
