@@ -7,6 +7,7 @@ length varies with the prompt, so it is compiled with a dynamic sequence length,
 """
 
 import contextlib
+import functools
 import time
 import types
 import warnings
@@ -23,7 +24,8 @@ from llmkit.errors import first_line
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
 from llmkit.model import Transformer
-from llmkit.speculative import SpeculativeLLM
+from llmkit.sampling import distributions, sampling_options
+from llmkit.speculative import Sampling, SpeculativeLLM, checked, race
 
 
 def own_copy(fn: Callable) -> Callable:
@@ -40,20 +42,35 @@ def prefill_prompt(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Ten
     return model(tokens, input_pos)
 
 
-def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> LLM:
+def guess_step(model: Transformer, token: Tensor, input_pos: Tensor, noise: Tensor,
+               options: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    logits = model(token, input_pos)[0, -1, : noise.numel()]
+    q = checked(distributions(logits, options), logits)
+    return race(q, noise), q
+
+
+def verify_step(model: Transformer, tokens: Tensor, input_pos: Tensor, options: Tensor, vocab: int) -> Tensor:
+    logits = model(tokens, input_pos)[0, :, :vocab]
+    return checked(distributions(logits, options), logits)
+
+
+def compile(llm: LLM, prefill: bool = False) -> LLM:
     """Compile the decode step (and the prefill) of `llm` in place, warming both up.
 
     The first calls compile; their time is kept in `llm.compile_time` so generation statistics
     show steady-state speed. Where inductor or torchao can't compile the model (MX formats on
-    the CPU, say), this warns in one line, keeps eager and says why in `llm.compile_fallback`. `verify_len`
-    also compiles a static step of that many positions: speculative decoding's verify step, always k + 1
-    long. A `SpeculativeLLM` has its target compiled with that step and its draft with the one-token step.
+    the CPU, say), this warns in one line, keeps eager and says why in `llm.compile_fallback`. A
+    `SpeculativeLLM` has both models compiled so, and its round (`compile_round`).
     """
     if isinstance(llm, SpeculativeLLM):
-        compile(llm.target, prefill, verify_len=llm.k + 1)
+        compile(llm.target, prefill)
         compile(llm.draft, prefill)
         llm.step, llm.compile_time = llm.target.step, llm.target.compile_time + llm.draft.compile_time
         llm.compile_fallback = llm.target.compile_fallback or llm.draft.compile_fallback
+        if llm.compile_fallback is None:
+            start = time.perf_counter()
+            llm.propose, llm.score = compile_round(llm)
+            llm.compile_time += time.perf_counter() - start
         return llm
     model, device = llm.model, llm.device
     options = _options(model, device)
@@ -72,15 +89,6 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
             decode = partial(decode_fn, model)
             if device.type == "cuda":
                 decode = _record_cuda_graph(decode, token, input_pos)
-            if verify_len is not None:  # static: the positions written are the only thing that changes
-                verify_fn = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=options)
-                tokens = torch.zeros(1, verify_len, dtype=torch.long, device=device)
-                positions = torch.arange(verify_len, device=device)
-                for _ in range(2):
-                    verify_fn(model, tokens, positions)
-                verify = partial(verify_fn, model)
-                if device.type == "cuda":
-                    verify = _record_cuda_graph(verify, tokens, positions)
     except Exception as e:  # inductor and torchao raise many types; eager still works
         llm.compile_fallback = first_line(e)  # benchmarks record it: their "compile" figure is eager's
         warnings.warn(f"torch.compile can't compile this model here ({llm.compile_fallback}); running eager",
@@ -91,12 +99,58 @@ def compile(llm: LLM, prefill: bool = False, verify_len: int | None = None) -> L
     def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
         if tokens.shape[1] == 1:
             return decode(tokens, input_pos)
-        if tokens.shape[1] == verify_len:
-            return verify(tokens, input_pos)
         return prefill_fn(model, tokens, input_pos) if prefill else model(tokens, input_pos)
 
     llm.step = step
     return llm
+
+
+def compile_round(spec: SpeculativeLLM) -> tuple[Callable, Callable]:
+    """A speculative round's two halves (`SpeculativeLLM.propose` and `.score`) compiled with their distributions
+    and draws inside: eager, each was ~20 small operations per token around the model's step, and on a GPU the
+    host took longer to launch them than the GPU to run them. On a GPU each half is one CUDA graph: the k draft
+    steps chained, and the verify of k + 1 positions. Call after compiling both models.
+    """
+    draft, target, k, vocab = spec.draft, spec.target, spec.k, spec.tokenizer.vocab_size
+    device = draft.device
+    guess_fn = torch.compile(own_copy(guess_step), fullgraph=True, dynamic=False, options=_options(draft.model, device))
+    verify_fn = torch.compile(own_copy(verify_step), fullgraph=True, dynamic=False,
+                              options=_options(target.model, device))  # fmt: skip
+
+    def guesses(token: Tensor, start: Tensor, noise: Tensor, options: Tensor) -> tuple[Tensor, Tensor]:
+        chosen, qs = [], []
+        for i in range(k):
+            token, q = guess_fn(draft.model, token.view(1, 1), start + i, noise[i], options)
+            chosen.append(token)
+            qs.append(q)
+        return torch.cat(chosen), torch.stack(qs)
+
+    def verify(tokens: Tensor, start: Tensor, options: Tensor) -> Tensor:
+        return verify_fn(target.model, tokens[None], start + torch.arange(k + 1, device=device), options, vocab)
+
+    def tokens(n: int) -> Tensor:
+        return torch.zeros(n, dtype=torch.long, device=device)
+
+    inputs = (tokens(1), tokens(1), torch.ones(k, vocab, device=device), sampling_options(1.0, None, None, device))
+    verify_inputs = (tokens(k + 1), tokens(1), sampling_options(1.0, None, None, device))
+    with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
+        for _ in range(2):  # compile and tune, then run once more
+            guesses(*inputs)
+            verify(*verify_inputs)
+        if device.type == "cuda":
+            guesses, verify = _record_cuda_graph(guesses, *inputs), _record_cuda_graph(verify, *verify_inputs)
+
+    @functools.cache
+    def on_device(sampling: Sampling) -> Tensor:  # once per choice of options, not a copy per round
+        return sampling_options(*sampling, device)
+
+    def propose(token: Tensor, start: int, noise: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
+        return guesses(token, torch.full((1,), start, device=device), noise, on_device(sampling))
+
+    def score(tokens: Tensor, start: int, sampling: Sampling) -> Tensor:
+        return verify(tokens, torch.full((1,), start, device=device), on_device(sampling))
+
+    return propose, score
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:
@@ -228,8 +282,9 @@ def _tuner_times_kernels_alone(device: torch.device) -> Iterator[None]:
         CachingAutotuner.bench = bench
 
 
-def _record_cuda_graph(decode: Callable, token: Tensor, input_pos: Tensor) -> Callable:
-    """Record one compiled decode step as a CUDA graph: a step is then one replay, whatever the model.
+def _record_cuda_graph(fn: Callable, *inputs: Tensor) -> Callable:
+    """Record a compiled step as a CUDA graph on these input buffers: a step is then one replay, whatever the
+    model; a call copies its arguments into the buffers and returns copies of the outputs (a tensor or a tuple).
 
     Not inductor's own CUDA graphs (mode="reduce-overhead"): each of its calls first checks dynamo's guards and
     unwraps torchao's quantized weights in Python, and the GPU waits for that. The graph keeps the addresses
@@ -237,12 +292,13 @@ def _record_cuda_graph(decode: Callable, token: Tensor, input_pos: Tensor) -> Ca
     """
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = decode(token, input_pos)
+        outputs = fn(*inputs)
 
-    def replay(tokens: Tensor, positions: Tensor) -> Tensor:
-        token.copy_(tokens)
-        input_pos.copy_(positions)
+    def replay(*args: Tensor) -> Tensor | tuple[Tensor, ...]:
+        for buffer, arg in zip(inputs, args, strict=True):
+            buffer.copy_(arg)
         graph.replay()
-        return logits.clone()  # the graph writes every step's logits into the same buffer
+        # the graph writes every step's outputs into the same buffers
+        return tuple(t.clone() for t in outputs) if isinstance(outputs, tuple) else outputs.clone()
 
     return replay

@@ -43,6 +43,30 @@ def probabilities(logits: Tensor, temperature: float, top_k: int | None = None, 
     return probs
 
 
+def sampling_options(temperature: float, top_k: int | None, top_p: float | None, device: torch.device) -> Tensor:
+    """`probabilities`' options as a tensor for `distributions`: [temperature, top_k (0: all), top_p (1: all)]."""
+    return torch.tensor([temperature, top_k or 0, 1.0 if top_p is None else top_p], device=device)
+
+
+def distributions(logits: Tensor, options: Tensor) -> Tensor:
+    """`probabilities` of each row of logits [..., V], the options a tensor (`sampling_options`): nothing branches
+    on their values in Python, so one compiled graph serves every request's options. The cuts keep the logits at
+    or above a threshold, so a tie at the boundary keeps every tied token where `probabilities` keeps some."""
+    temperature, top_k, top_p = options.unbind()
+    logits, vocab = logits.float(), logits.shape[-1]
+    greedy = torch.nn.functional.one_hot(logits.argmax(-1), vocab).float()
+    scaled = (logits - logits.amax(-1, keepdim=True)) / torch.where(temperature > 0, temperature, 1.0)
+    ranked = scaled.sort(-1, descending=True).values
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).long()
+    kth = ranked.gather(-1, (k - 1).expand_as(ranked[..., :1]))
+    ranked_probs = torch.softmax(ranked.masked_fill(ranked < kth, float("-inf")), dim=-1)
+    inside = (ranked_probs.cumsum(-1) - ranked_probs <= top_p) | (top_p >= 1.0)  # a prefix: at least the first
+    # both cuts as one threshold on the logits: softmax over what is kept is the renormalised cut
+    cut = torch.maximum(kth, ranked.gather(-1, (inside.sum(-1, keepdim=True) - 1).clamp(min=0)))  # NaN: none inside
+    probs = torch.softmax(scaled.masked_fill(scaled < cut, float("-inf")), dim=-1)
+    return torch.where(temperature > 0, probs, greedy)
+
+
 def _as_numpy(logits: Tensor) -> np.ndarray | None:
     """A float32 row on the CPU as numpy, whose argmax and isfinite are vectorized where ATen's CPU ones are not
     (a 32000-entry row on a 2-core AVX-512 VM: argmax 57 us against 6, isfinite then all 65 us against 5, a tenth

@@ -16,6 +16,7 @@ one being scored, so the stale entries are never read.
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -88,11 +89,46 @@ def _draw(weights: Tensor, rng: torch.Generator) -> int:
     return int(torch.multinomial(weights, 1, generator=rng))
 
 
-def _draw_on_device(weights: Tensor, rng: torch.Generator) -> Tensor:
-    """A token [1] drawn with probability proportional to `weights`, left on their device: the index of the
-    largest w_i / e_i, e_i exponential (the first of exponential clocks of rates w_i to ring), so nothing waits
-    for a copy, and weights broken by NaN give a token instead of a device-side error."""
-    return (weights / torch.empty_like(weights).exponential_(generator=rng)).argmax().view(1)
+Sampling = tuple[float, int | None, float | None]  # temperature, top_k, top_p, as `probabilities` takes them
+
+
+def checked(dist: Tensor, logits: Tensor) -> Tensor:
+    """`dist`, or NaN where `logits` hold NaN or infinity: the round checks its distributions once, on the CPU."""
+    return torch.where(torch.isfinite(logits).all(), dist, float("nan"))
+
+
+def race(q: Tensor, noise: Tensor) -> Tensor:
+    """A token [1] drawn from q, left on its device: the index of the largest q_i / e_i, e_i exponential
+    (`noise`), the first of exponential clocks of rates q_i to ring, so nothing waits for a copy."""
+    return (q / noise).argmax(-1, keepdim=True)
+
+
+def forward(llm: LLM, tokens: Tensor, start: int) -> Tensor:
+    """Logits [T, V] of tokens [T] at positions start...: tokens on the device, so the GPU need not wait."""
+    positions = torch.arange(start, start + len(tokens), device=llm.device)
+    logits = llm.step(tokens.to(llm.device)[None], positions)
+    if logits.shape[1] != len(tokens):  # an exported .pte returns the last position only
+        raise LLMKitError(f"{llm.name} returns only its last position's logits; speculative decoding needs "
+                          "every position's: use its checkpoint")  # fmt: skip
+    return logits[0]
+
+
+def propose(draft: LLM, token: Tensor, start: int, noise: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
+    """The draft's guesses [k] and their distributions [k, V] after `token` [1] at position `start`, one per row
+    of `noise` [k, V], each guess fed to the next step."""
+    guesses, qs = [], []
+    for i, row in enumerate(noise):
+        logits = forward(draft, token, start + i)[-1, : row.numel()]
+        qs.append(checked(probabilities(logits, *sampling), logits))
+        token = race(qs[-1], row)
+        guesses.append(token)
+    return torch.cat(guesses), torch.stack(qs)
+
+
+def score(target: LLM, tokens: Tensor, start: int, sampling: Sampling, vocab: int) -> Tensor:
+    """The target's distributions [T, vocab] after each of tokens [T] at positions start...: the verify step."""
+    logits = forward(target, tokens, start)[:, :vocab]
+    return checked(torch.stack([probabilities(row, *sampling) for row in logits]), logits)
 
 
 def accept(p: Sequence[Tensor], q: Sequence[Tensor], guesses: Sequence[int], rng: torch.Generator) -> tuple[int, int]:
@@ -116,8 +152,10 @@ def accept(p: Sequence[Tensor], q: Sequence[Tensor], guesses: Sequence[int], rng
 class SpeculativeLLM(LLM):
     """A target `LLM` sped up by a draft `LLM` proposing `k` tokens at a time; `generate` is `LLM.generate`'s.
 
-    `llmkit.compile` of it compiles the target's verify step (k + 1 positions, a fixed shape) and the draft's
-    decode step. The context is the target's; the draft only speculates while both have room for a round.
+    A round has two halves, `propose` (the draft's k guesses) and `score` (the target's verify of k + 1
+    positions), both on the device; `llmkit.compile` of it compiles both models and puts each half, with its
+    distributions and draws, in compiled graphs (`llmkit.compile.compile_round`). The context is the target's;
+    the draft only speculates while both have room for a round.
     """
 
     def __init__(self, target: LLM, draft: LLM, k: int = 4):
@@ -125,6 +163,8 @@ class SpeculativeLLM(LLM):
         super().__init__(target.model, target.tokenizer, name=f"{target.name} (draft {draft.name}, k={k})",
                          step=target.step, max_seq_len=target.max_seq_len, device=str(target.device))  # fmt: skip
         self.target, self.draft, self.k = target, draft, k
+        self.propose = partial(propose, draft)
+        self.score = partial(score, target, vocab=target.tokenizer.vocab_size)
 
     @torch.inference_mode()
     def generate(
@@ -155,15 +195,6 @@ class SpeculativeLLM(LLM):
         def dist(logits: Tensor) -> list[Tensor]:
             return _row_probabilities(logits, vocab, temperature, top_k, top_p)
 
-        def run(llm: LLM, tokens: Tensor, start: int) -> Tensor:
-            """Logits [T, V] of tokens [T] at positions start...: tokens on the device, so the GPU need not wait."""
-            positions = torch.arange(start, start + len(tokens), device=llm.device)
-            logits = llm.step(tokens.to(llm.device)[None], positions)
-            if logits.shape[1] != len(tokens):  # an exported .pte returns the last position only
-                raise LLMKitError(f"{llm.name} returns only its last position's logits; speculative decoding needs "
-                                  "every position's: use its checkpoint")  # fmt: skip
-            return logits[0]
-
         def emit(token: int) -> bool:
             """Add a token to the output; whether generation ends here."""
             if token in stop_ids:
@@ -185,7 +216,8 @@ class SpeculativeLLM(LLM):
         seq = list(ids)  # the prompt and every token so far; seq[-1] is not yet in any cache
         # the draft draws its guesses on the device with a generator of its own, seeded from the request's
         draws = torch.Generator(draft.device).manual_seed(int(torch.randint(2**62, (), generator=rng)))
-        (first,) = dist(run(target, on_device(ids), 0)[-1:])
+        sampling = (temperature, top_k, top_p)
+        (first,) = dist(forward(target, on_device(ids), 0)[-1:])
         seq.append(_draw(first, rng))
         decode_start = time.perf_counter()
         stats.time_to_first_token = decode_start - start
@@ -194,34 +226,28 @@ class SpeculativeLLM(LLM):
         while not done:
             n = len(seq) - 1
             if n >= room:  # no room for another round: the target alone, one token at a time
-                (p,) = dist(run(target, on_device(seq[-1:]), n))
+                (p,) = dist(forward(target, on_device(seq[-1:]), n))
                 seq.append(_draw(p, rng))
                 done = emit(seq[-1])
                 continue
             if in_draft == 0:  # the draft's prefill, once a round is sure to fit
-                run(draft, on_device(seq[:n]), 0)
+                forward(draft, on_device(seq[:n]), 0)
                 in_draft = n
             # A round stays on the device between one copy in (the tokens the draft has not seen) and one out (the
             # guesses and both models' distributions): each guess is drawn there and fed to the next draft step, so
-            # the GPU never waits for the CPU within a round. The draft catches up on the last token, and after a
-            # round it guessed in full its last guess too; one at a time, so a compiled draft stays on its one-token
-            # step.
+            # the GPU never waits for the CPU within a round. The draft first catches up on the tokens before the
+            # last (after a round whose guesses were all accepted, its last guess).
             unseen = on_device(seq[in_draft:])
-            for i in range(len(unseen)):
-                logits = run(draft, unseen[i : i + 1], in_draft + i)
-            guesses, q, finite = [], [], torch.ones((), dtype=torch.bool, device=draft.device)
-            for i in range(k):
-                finite &= torch.isfinite(logits[-1, :vocab]).all()
-                q.append(probabilities(logits[-1, :vocab], temperature, top_k, top_p))
-                guesses.append(_draw_on_device(q[-1], draws))
-                if i + 1 < k:
-                    logits = run(draft, guesses[-1], n + 1 + i)
-            scores = run(target, torch.cat([unseen[-1:], *guesses]), n)[:, :vocab]
-            finite &= torch.isfinite(scores).all().to(finite.device)
-            p = torch.stack([probabilities(row, temperature, top_k, top_p) for row in scores])
-            guesses, p, q = torch.cat(guesses).tolist(), p.cpu(), torch.stack(q).cpu()
-            if not finite:
+            for i in range(len(unseen) - 1):
+                forward(draft, unseen[i : i + 1], in_draft + i)
+            noise = torch.empty(k, vocab, device=draft.device).exponential_(generator=draws)
+            guesses, q = self.propose(unseen[-1:], n, noise, sampling)
+            p = self.score(torch.cat([unseen[-1:], guesses]), n, sampling)
+            copied = torch.cat([guesses.float(), p.flatten(), q.flatten()]).cpu()  # ids below 2**24 are exact
+            if not torch.isfinite(copied).all():
                 raise LLMKitError(BROKEN_LOGITS)
+            guesses, (p, q) = copied[:k].long().tolist(), copied[k:].split([(k + 1) * vocab, k * vocab])
+            p, q = p.view(k + 1, vocab), q.view(k, vocab)
             n_accepted, next_token = accept(p, q, guesses, rng)
             stats.rounds += 1
             stats.proposed += k

@@ -3,12 +3,14 @@
 Speculation pays when a verify step of k + 1 positions costs little more than a one-token decode step, which is
 true where a decode step is bound by reading the weights (memory) and not by arithmetic or by the per-operator
 overhead of running the model. So each row also carries the three step times that decide it: the target's
-one-token step, its (k + 1)-position verify step, and the draft's one-token step.
+one-token step, and the two halves of a round as generation runs them: the target's verify of k + 1 positions
+and the draft's step, each with its distributions (and the draft's with its draw).
 """
 
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from llmkit.devices import resolve_device, sync
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM
 from llmkit.loading import load
-from llmkit.speculative import check_k, load_draft, speculate
+from llmkit.speculative import SpeculativeLLM, check_k, load_draft, speculate
 
 SPEC_PATHS = ("eager", "compile")
 
@@ -33,18 +35,35 @@ def heldout_prompts(n: int = 4, words: int = 6) -> list[str]:
 
 
 @torch.inference_mode()
-def step_ms(llm: LLM, length: int, at: int = 32, repeats: int = 20) -> float:
-    """Median milliseconds of one forward of `length` positions starting at position `at` (after a warm-up)."""
-    tokens = torch.randint(3, 100, (1, length), device=llm.device)
-    positions = torch.arange(at, at + length, device=llm.device)
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20) -> float:
+    """Median milliseconds of fn() (after two warm-up calls), the device synchronised around each."""
     times = []
     for _ in range(repeats + 2):
-        sync(llm.device)
+        sync(device)
         start = time.perf_counter()
-        llm.step(tokens, positions)
-        sync(llm.device)
+        fn()
+        sync(device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[2:])
+
+
+def step_ms(llm: LLM, length: int, at: int = 32) -> float:
+    """Milliseconds of one forward of `length` positions starting at position `at`."""
+    tokens = torch.randint(3, 100, (1, length), device=llm.device)
+    return time_ms(lambda: llm.step(tokens, torch.arange(at, at + length, device=llm.device)), llm.device)
+
+
+def round_ms(spec: SpeculativeLLM, temperature: float, at: int = 32) -> tuple[float, float]:
+    """Milliseconds of a round's two halves as generation runs them: the draft's k guesses, per guess (its step,
+    distribution and draw), and the target's verify of k + 1 positions with their distributions."""
+    device, k = spec.draft.device, spec.k
+    sampling = (temperature, None, None)
+    token = torch.randint(3, 100, (1,), device=device)
+    noise = torch.empty(k, spec.tokenizer.vocab_size, device=device).exponential_()
+    with torch.inference_mode():
+        verify = torch.cat([token, spec.propose(token, at, noise, sampling)[0]])
+    return time_ms(lambda: spec.propose(token, at, noise, sampling), device) / k, time_ms(
+        lambda: spec.score(verify, at, sampling), device)  # fmt: skip
 
 
 def bench_speculative(
@@ -86,6 +105,7 @@ def bench_speculative(
         runs = [llm.generate(p, max_new_tokens=new_tokens, temperature=temperature, seed=seed)
                 for seed in range(repeats) for p in prompts]  # fmt: skip
         speeds = [r.stats.decode_tokens_per_s for r in runs]
+        draft_ms, verify_ms = round_ms(llm, temperature) if k else (None, None)
         row = {
             "source": target_path, "draft": None if k == 0 else str(draft_path), "path": path, "k": k,
             "device": device, "dtype": dtype, "temperature": temperature, "new_tokens": new_tokens,
@@ -94,8 +114,8 @@ def bench_speculative(
             "decode_tokens_per_s_stdev": statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
             "new_tokens_total": sum(r.stats.new_tokens for r in runs),
             "target_step_ms": step_ms(target, 1),
-            "draft_step_ms": step_ms(draft, 1) if k else None,
-            "verify_step_ms": step_ms(target, k + 1) if k else None,
+            "draft_step_ms": draft_ms,
+            "verify_step_ms": verify_ms,
             "compile_fallback": llm.compile_fallback,  # not None: "compile" ran eager, for this reason
             **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip

@@ -12,8 +12,8 @@ from llmkit.errors import LLMKitError
 from llmkit.generate import LLM
 from llmkit.loading import DATA_DIR
 from llmkit.model import ModelArgs
-from llmkit.sampling import probabilities
-from llmkit.speculative import accept, speculate
+from llmkit.sampling import distributions, probabilities, sampling_options
+from llmkit.speculative import accept, forward, speculate
 from llmkit.tokenizer import Tokenizer
 
 DRAFT = DATA_DIR / "pydoc-lm-draft"
@@ -45,6 +45,45 @@ def test_greedy_compiled_is_the_targets_token_for_token(pair):
     spec = llmkit.compile(speculate(llmkit.load("default"), llmkit.load(DRAFT), 3))
     out = spec.generate(PROMPTS[0], max_new_tokens=48, temperature=0)
     assert out.tokens == alone.tokens and out.stats.accepted > 0 and spec.compile_time > 0
+
+
+OPTIONS = [(0.0, None, None), (0.8, None, None), (0.8, 200, None), (1.3, 1, None), (0.7, None, 0.9),
+           (1.0, 50, 0.5), (2.0, None, 1e-3), (1e-4, 10**6, None)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), OPTIONS)
+def test_distributions_on_the_device_are_the_samplers(temperature, top_k, top_p):
+    """The round's distributions (options as a tensor, no branch in Python) against `probabilities`, row by row:
+    the same tokens kept, the same probabilities to float32 rounding."""
+    logits = 3 * torch.randn(32, 1000, generator=torch.Generator().manual_seed(0))
+    got = distributions(logits, sampling_options(temperature, top_k, top_p, torch.device("cpu")))
+    want = torch.stack([probabilities(row, temperature, top_k, top_p) for row in logits])
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_round_is_the_eager_round(pair):
+    """The compiled round's halves (graphs with `distributions` and the draws inside) against the eager ones
+    (`probabilities`), on the same tokens, noise and options: the same guesses, distributions within float32
+    rounding."""
+    target, draft = pair
+    k, vocab = 3, target.tokenizer.vocab_size
+    spec = llmkit.compile(speculate(llmkit.load("default"), llmkit.load(DRAFT), k))
+    eager = speculate(target, draft, k)
+    prompt = torch.tensor(target.encode_prompt(PROMPTS[0]))
+    n = len(prompt) - 1
+    for llm in (spec, eager):
+        for model in (llm.target, llm.draft):
+            forward(model, prompt[:-1], 0)
+    noise = torch.empty(k, vocab).exponential_(generator=torch.Generator().manual_seed(0))
+    for sampling in OPTIONS[:6]:
+        (guesses, q), (want_guesses, want_q) = spec.propose(prompt[-1:], n, noise, sampling), eager.propose(
+            prompt[-1:], n, noise, sampling)  # fmt: skip
+        assert torch.equal(guesses, want_guesses)
+        torch.testing.assert_close(q, want_q, rtol=1e-4, atol=1e-5)
+        verify = torch.cat([prompt[-1:], guesses])
+        torch.testing.assert_close(spec.score(verify, n, sampling), eager.score(verify, n, sampling), rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
