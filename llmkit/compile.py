@@ -69,7 +69,11 @@ def compile(llm: LLM, prefill: bool = False) -> LLM:
         llm.compile_fallback = llm.target.compile_fallback or llm.draft.compile_fallback
         if llm.compile_fallback is None:
             start = time.perf_counter()
-            llm.propose, llm.score = compile_round(llm)
+            try:
+                llm.propose, llm.score = compile_round(llm)
+            except Exception as e:  # as below: the models' steps stay compiled, the round's sampling eager
+                llm.compile_fallback = f"the speculative round: {first_line(e)}"
+                warnings.warn(f"torch.compile can't compile {llm.compile_fallback}; running it eager", stacklevel=2)
             llm.compile_time += time.perf_counter() - start
         return llm
     model, device = llm.model, llm.device

@@ -69,6 +69,7 @@ def test_a_compiled_round_is_the_eager_round(pair):
     target, draft = pair
     k, vocab = 3, target.tokenizer.vocab_size
     spec = llmkit.compile(speculate(llmkit.load("default"), llmkit.load(DRAFT), k))
+    assert spec.compile_fallback is None
     eager = speculate(target, draft, k)
     prompt = torch.tensor(target.encode_prompt(PROMPTS[0]))
     n = len(prompt) - 1
@@ -89,11 +90,12 @@ def test_a_compiled_round_is_the_eager_round(pair):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_greedy_on_the_gpu_is_the_targets(compiled):
-    """float32 on the GPU: the verify step's k + 1 rows (a CUDA graph when compiled) pick the target's tokens."""
+    """float32 on the GPU: the round's guesses and verify (a CUDA graph each when compiled) give the target's
+    tokens."""
     alone = llmkit.load("default", device="cuda").generate(PROMPTS[0], max_new_tokens=48, temperature=0)
     spec = speculate(llmkit.load("default", device="cuda"), llmkit.load(DRAFT, device="cuda"), 4)
     if compiled:
-        llmkit.compile(spec)
+        assert llmkit.compile(spec).compile_fallback is None  # the round's two CUDA graphs were recorded
     out = spec.generate(PROMPTS[0], max_new_tokens=48, temperature=0)
     assert out.tokens == alone.tokens and out.stats.accepted > 0
 
