@@ -15,7 +15,7 @@ if has tests; then
   tail -5 $OUT/tests.log
 fi
 if has gputests; then
-  timeout 480 python3 -m pytest -q -rs tests/test_gpu.py tests/test_speculative.py -k "gpu" 2>&1 | tail -30 \
+  timeout 540 python3 -m pytest -q -rs --durations=8 tests/test_gpu.py tests/test_speculative.py -k "gpu" 2>&1 | tail -30 \
     > $OUT/gputests.log
   tail -8 $OUT/gputests.log
 fi
