@@ -25,7 +25,7 @@ from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
 from llmkit.model import Transformer
 from llmkit.sampling import distributions, sampling_options
-from llmkit.speculative import Sampling, SpeculativeLLM, checked, race
+from llmkit.speculative import Sampling, SpeculativeLLM, chain, checked, race
 
 
 def own_copy(fn: Callable) -> Callable:
@@ -122,12 +122,8 @@ def compile_round(spec: SpeculativeLLM) -> tuple[Callable, Callable]:
                               options=_options(target.model, device))  # fmt: skip
 
     def guesses(token: Tensor, start: Tensor, noise: Tensor, options: Tensor) -> tuple[Tensor, Tensor]:
-        chosen, qs = [], []
-        for i in range(k):
-            token, q = guess_fn(draft.model, token.view(1, 1), start + i, noise[i], options)
-            chosen.append(token)
-            qs.append(q)
-        return torch.cat(chosen), torch.stack(qs)
+        return chain(lambda t, position, row: guess_fn(draft.model, t.view(1, 1), position, row, options), token,
+                     start, noise)  # fmt: skip
 
     def verify(tokens: Tensor, start: Tensor, options: Tensor) -> Tensor:
         return verify_fn(target.model, tokens[None], start + torch.arange(k + 1, device=device), options, vocab)

@@ -113,16 +113,26 @@ def forward(llm: LLM, tokens: Tensor, start: int) -> Tensor:
     return logits[0]
 
 
-def propose(draft: LLM, token: Tensor, start: int, noise: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
-    """The draft's guesses [k] and their distributions [k, V] after `token` [1] at position `start`, one per row
-    of `noise` [k, V], each guess fed to the next step."""
+def chain(guess: Callable, token: Tensor, start: int | Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """Guesses [k] and their distributions [k, V] after `token` [1] at position `start`, one per row of `noise`
+    [k, V], each guess fed to the next step: `guess(token, position, noise_row)` gives (guess, distribution)."""
     guesses, qs = [], []
     for i, row in enumerate(noise):
-        logits = forward(draft, token, start + i)[-1, : row.numel()]
-        qs.append(checked(probabilities(logits, *sampling), logits))
-        token = race(qs[-1], row)
+        token, q = guess(token, start + i, row)
         guesses.append(token)
+        qs.append(q)
     return torch.cat(guesses), torch.stack(qs)
+
+
+def propose(draft: LLM, token: Tensor, start: int, noise: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
+    """The draft's k guesses and their distributions (`chain`), eager."""
+
+    def guess(token: Tensor, position: int, row: Tensor) -> tuple[Tensor, Tensor]:
+        logits = forward(draft, token, position)[-1, : row.numel()]
+        q = checked(probabilities(logits, *sampling), logits)
+        return race(q, row), q
+
+    return chain(guess, token, start, noise)
 
 
 def score(target: LLM, tokens: Tensor, start: int, sampling: Sampling, vocab: int) -> Tensor:
