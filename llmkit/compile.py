@@ -118,8 +118,8 @@ def compile_round(spec: SpeculativeLLM) -> tuple[Callable, Callable]:
     draft, target, k, vocab = spec.draft, spec.target, spec.k, spec.tokenizer.vocab_size
     device = draft.device
     guess_fn = torch.compile(own_copy(guess_step), fullgraph=True, dynamic=False, options=_options(draft.model, device))
-    verify_fn = torch.compile(own_copy(verify_step), fullgraph=True, dynamic=False,
-                              options=_options(target.model, device))  # fmt: skip
+    verify_fn = torch.compile(own_copy(verify_step), fullgraph=True, dynamic=False,  # k + 1 rows: not tuned
+                              options=_options(target.model, device, tune=False))  # fmt: skip
 
     def guesses(token: Tensor, start: Tensor, noise: Tensor, options: Tensor) -> tuple[Tensor, Tensor]:
         return chain(lambda t, position, row: guess_fn(draft.model, t.view(1, 1), position, row, options), token,
@@ -131,9 +131,10 @@ def compile_round(spec: SpeculativeLLM) -> tuple[Callable, Callable]:
     def tokens(n: int) -> Tensor:
         return torch.zeros(n, dtype=torch.long, device=device)
 
-    inputs = (tokens(1), tokens(1), torch.ones(k, vocab, device=device), sampling_options(1.0, None, None, device))
-    verify_inputs = (tokens(k + 1), tokens(1), sampling_options(1.0, None, None, device))
     with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
+        # inference tensors, as in generation: dynamo guards on the difference and would compile each graph twice
+        inputs = (tokens(1), tokens(1), torch.ones(k, vocab, device=device), sampling_options(1.0, None, None, device))
+        verify_inputs = (tokens(k + 1), tokens(1), sampling_options(1.0, None, None, device))
         for _ in range(2):  # compile and tune, then run once more
             guesses(*inputs)
             verify(*verify_inputs)

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import llmkit
 from llmkit.cli import main
@@ -70,6 +71,9 @@ def test_a_compiled_round_is_the_eager_round(pair):
     k, vocab = 3, target.tokenizer.vocab_size
     spec = llmkit.compile(speculate(llmkit.load("default"), llmkit.load(DRAFT), k))
     assert spec.compile_fallback is None
+    graphs = counters["stats"]["unique_graphs"]
+    spec.generate(PROMPTS[1], max_new_tokens=16, temperature=0.8, top_k=40, seed=0)
+    assert counters["stats"]["unique_graphs"] == graphs, "generation compiled a graph that compile() had not"
     eager = speculate(target, draft, k)
     prompt = torch.tensor(target.encode_prompt(PROMPTS[0]))
     n = len(prompt) - 1
