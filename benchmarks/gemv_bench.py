@@ -65,9 +65,10 @@ def weights_for(kind: str, w: torch.Tensor):
         return (w,), lambda x, t: F.linear(x, t[0])
     if kind == "llmkit-int8":
         return kernels.quantize_int8(w), lambda x, t, cfg=None: kernels.int8_matmul(x, *t, cfg)
-    if kind.startswith("llmkit-int4"):
-        group = int(kind.rsplit("-", 1)[1])
-        return kernels.quantize_int4(w, group), lambda x, t, cfg=None: kernels.int4_matmul(x, *t, cfg)
+    if kind.startswith("llmkit-int4"):  # llmkit-int4-G, or llmkit-int4tc-G on the tensor-core kernel
+        group, (n, k) = int(kind.rsplit("-", 1)[1]), w.shape
+        default = kernels.config_for("int4tc", 1, n, k) if kind.startswith("llmkit-int4tc") else None
+        return kernels.quantize_int4(w, group), lambda x, t, cfg=None: kernels.int4_matmul(x, *t, cfg or default)
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=w.dtype)
@@ -117,10 +118,12 @@ SWEEP = {
     "llmkit-int8": [kernels.Config(bn, bk, s, w) for bn, bk, s, w in
                     itertools.product((4, 8, 16), (512, 1024), (1, 2), (4, 8))],  # fmt: skip
     "llmkit-int4-128": [kernels.Config(bn, bk, s, w) for bn, bk, s, w in
-                        itertools.product((4, 8, 16), (1024, 2048), (1, 2), (4, 8))],  # fmt: skip
+                        itertools.product((4, 8, 16), (1024, 2048), (1, 2), (4, 8))]  # fmt: skip
+    + [kernels.Config(bn, 1024, s, w, tensor_cores=True) for bn, s, w in
+       itertools.product((16, 32, 64), (1, 2, 4), (4, 8))],  # fmt: skip
 }
 KINDS = ("bf16-cublas", "llmkit-int8", "torchao-int8", "llmkit-int4-32", "llmkit-int4-64", "llmkit-int4-128",
-         "torchao-int4-128")  # fmt: skip
+         "llmkit-int4tc-32", "llmkit-int4tc-128", "torchao-int4-128")  # fmt: skip
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ column 2j+1 in its high nibble; each group of G columns has a scale and an offse
 is q * scale + offset with q in 0..15.
 """
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -158,6 +159,51 @@ def _int4_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, M, N, K, K_SPLIT,
 
 
 @triton.jit
+def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, M, N, K, K_SPLIT,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT_K: tl.constexpr, EVEN: tl.constexpr, DOT: tl.constexpr, BIAS: tl.constexpr,
+                    PRECISION: tl.constexpr):  # fmt: skip
+    # One group per iteration, multiplied on the tensor cores (one token is padded to BLOCK_M = 16 rows), the
+    # group's scale and offset applied once to the [rows, BLOCK_N] result: no multiply-add per weight on the
+    # CUDA cores, which bound the elementwise kernel above at ~8 operations per byte.
+    HALF: tl.constexpr = GROUP // 2
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_groups = K // GROUP
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(pid_k * K_SPLIT, (pid_k + 1) * K_SPLIT, GROUP):
+        g = k0 // GROUP
+        byte = g * HALF + tl.arange(0, HALF)  # byte j holds columns 2j and 2j + 1
+        w_ptrs = w_ptr + rn[:, None] * (K // 2) + byte[None, :]
+        if EVEN:
+            w = tl.load(w_ptrs)
+            scale = tl.load(s_ptr + rn * n_groups + g).to(tl.float32)
+            offset = tl.load(o_ptr + rn * n_groups + g).to(tl.float32)
+        else:
+            n_mask = (rn < N) & (g < n_groups)
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+            scale = tl.load(s_ptr + rn * n_groups + g, mask=n_mask, other=0).to(tl.float32)
+            offset = tl.load(o_ptr + rn * n_groups + g, mask=n_mask, other=0).to(tl.float32)
+        x_mask = (rm[:, None] < M) & (g < n_groups)
+        x_even = tl.load(x_ptr + rm[:, None] * K + 2 * byte[None, :], mask=x_mask, other=0)
+        x_odd = tl.load(x_ptr + rm[:, None] * K + 2 * byte[None, :] + 1, mask=x_mask, other=0)
+        if BIAS:  # bfloat16: a nibble's bits OR-ed under 128.0's (0x4300) are the bfloat16 128 + q, exactly
+            w16 = w.to(tl.int16)
+            low = ((w16 & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
+            high = ((w16 >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+        else:
+            w32 = w.to(tl.int32)
+            low, high = (w32 & 0xF).to(DOT), (w32 >> 4).to(DOT)
+        qx = tl.dot(x_even.to(DOT), tl.trans(low), input_precision=PRECISION)
+        qx += tl.dot(x_odd.to(DOT), tl.trans(high), input_precision=PRECISION)
+        sx = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+        # a group's sum of x (q scale + offset) = scale sum(x q) + offset sum(x), where sum(x q) = qx - BIAS sum(x)
+        acc += qx * scale[None, :] + sx[:, None] * (offset - BIAS * scale)[None, :]
+    _store(out_ptr + rm[:, None] * N + rn[None, :], acc, (rm[:, None] < M) & (rn[None, :] < N), SPLIT_K)
+
+
+@triton.jit
 def _store(ptrs, value, mask, SPLIT_K: tl.constexpr):
     if SPLIT_K == 1:
         tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
@@ -177,6 +223,7 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    tensor_cores: bool = False  # int4 only: `_int4_tc_kernel`, whatever the rows
 
 
 # "kind N K" -> the fastest configuration at one token on an H200, written by benchmarks/gemv_bench.py --sweep
@@ -187,15 +234,16 @@ TUNED = {key: Config(**c) for key, c in json.loads(TUNED_FILE.read_text()).items
 
 def _heuristic(kind: str, n: int, k: int) -> Config:
     """Enough programs to fill the GPU: split K when the matrix has few output rows for its depth."""
-    block_n = 8 if kind == "int8" else 16
+    block_n = {"int8": 8, "int4": 16, "int4tc": 32}[kind]
     programs = -(-n // block_n)
     split = 1 if programs >= 512 or k < 4096 else 2 if programs >= 256 else 4
-    return Config(block_n, 512 if kind == "int8" else 1024, split)
+    return Config(block_n, 512 if kind == "int8" else 1024, split, tensor_cores=kind == "int4tc")
 
 
 def config_for(kind: str, m: int, n: int, k: int) -> Config:
+    """`kind` int8, int4 or int4tc (int4 on `_int4_tc_kernel`, for measuring it: a tuned int4 entry can name it)."""
     if m > 1:  # the tensor-core path: a 16-row tile of activations
-        return Config(64, 128, 1, 4, 3)
+        return Config(64, 128, 1, 4, 3, tensor_cores=kind == "int4tc")
     return TUNED.get(f"{kind} {n} {k}") or _heuristic(kind, n, k)
 
 
@@ -208,9 +256,10 @@ def _check(x: Tensor, k: int) -> None:
                           "llmkit.kernels is imported")  # fmt: skip
 
 
-def _launch(kernel, x: Tensor, weights: tuple, n: int, k: int, cfg: Config, out: Tensor | None, **meta) -> Tensor:
+def _launch(kernel, x: Tensor, weights: tuple, n: int, k: int, cfg: Config, out: Tensor | None,
+            force_rows: int | None = None, **meta) -> Tensor:  # fmt: skip
     m = x.shape[0]
-    block_m = 1 if m == 1 else 16
+    block_m = force_rows or (1 if m == 1 else 16)
     k_split = -(-k // (cfg.split_k * cfg.block_k)) * cfg.block_k
     even = n % cfg.block_n == 0 and k % (cfg.split_k * cfg.block_k) == 0
     if cfg.split_k > 1:  # the splits add into float32 zeros; `out`, if given, receives the sum
@@ -246,8 +295,15 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor, cfg: C
     group = k // scale.shape[1]
     cfg = cfg or config_for("int4", m, n, k)
     if cfg.block_k % group:  # a tile holds whole groups
-        cfg = Config(cfg.block_n, group, cfg.split_k, cfg.num_warps, cfg.num_stages)
-    return _launch(_int4_kernel, x.contiguous(), (packed, scale, offset), n, k, cfg, out, GROUP=group)
+        cfg = dataclasses.replace(cfg, block_k=group)
+    if not cfg.tensor_cores:
+        return _launch(_int4_kernel, x.contiguous(), (packed, scale, offset), n, k, cfg, out, GROUP=group)
+    # bfloat16 makes 128 + q from the nibble's bits; elsewhere q is converted, and float32 dots are exact (a
+    # bias of 128 would cost float32 products their low bits)
+    bias = 128 if x.dtype == torch.bfloat16 and not INTERPRETED else 0
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    return _launch(_int4_tc_kernel, x.contiguous(), (packed, scale, offset), n, k, cfg, out, GROUP=group, BIAS=bias,
+                   PRECISION=precision, force_rows=16)  # fmt: skip
 
 
 # The ops torch.compile and export see: their bodies are traced, so the kernels land in the graph as

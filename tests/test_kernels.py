@@ -8,6 +8,7 @@ element the kernel never wrote fails. Bounds on ||out - ref|| / ||ref||: float32
 outputs round each result to 8 bits (relative rounding up to 2**-9): 1e-2, as for bf16 operands generally.
 """
 
+import dataclasses
 import zlib
 
 import pytest
@@ -71,13 +72,17 @@ def test_int8_kernel_matches_the_dequantized_product_in_float64(dtype, cfg):
 @pytest.mark.parametrize("group", kernels.INT4_GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cfg", [None, *CONFIGS])
-def test_int4_kernel_matches_the_dequantized_product_in_float64(group, dtype, cfg):
-    rng = torch.Generator().manual_seed(_seed(group, dtype, cfg))
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["fma", "tensor-cores"])
+def test_int4_kernel_matches_the_dequantized_product_in_float64(group, dtype, cfg, tensor_cores):
+    rng = torch.Generator().manual_seed(_seed(group, dtype, cfg, tensor_cores))
     for m, n, k in _shapes(rng, 3 if CUDA else 1):
         w = torch.randn(n, k, generator=rng).to(DEVICE, dtype)
         x = torch.randn(m, k, generator=rng).to(DEVICE, dtype)
         packed, scale, offset = kernels.quantize_int4(w, group)
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+        if tensor_cores:  # the tensor cores take at least 16 output rows a tile
+            cfg = kernels.config_for("int4tc", m, n, k) if cfg is None else dataclasses.replace(
+                cfg, block_n=max(16, cfg.block_n), tensor_cores=True)  # fmt: skip
         kernels.int4_matmul(x, packed, scale, offset, cfg, out=out)
         ref = x.double() @ kernels.dequantize_int4(packed, scale, offset).T
         assert _rel(out, ref) < _bound(dtype, m), (m, n, k)
