@@ -42,7 +42,7 @@ class StepTimer:
 
     def __init__(self, engine: Engine, device: torch.device):
         self.steps: list[tuple[float, float, int, float]] = []  # start, end, rows decoded, forward seconds
-        self.admits: list[tuple[int, float]] = []  # (requests, seconds) of each prefill of arriving requests
+        self.admits: list[tuple[int, float]] = []  # (requests, seconds) of each step that prefills arrivals
         step, decode, admit = engine.step, engine.decode_step, engine._admit
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         forward = [0, 0.0]  # the rows and seconds of this step's decode, if it decoded

@@ -218,31 +218,43 @@ def forward_rows(model: Transformer, tokens: Tensor, positions: Tensor, cache_le
     return model(tokens, positions, cache_len=cache_len)
 
 
-def compile_batched_prefill(llm: LLM) -> Callable[[Tensor, Tensor, int], Tensor]:
-    """A serving engine's prefill on a GPU (prompts [n, T], positions [n, T], cache positions in use): one graph
-    dynamic in all three, where eager pays a kernel launch per operation whatever the prompts' size. Attention
-    leaves out cuDNN's kernel, which builds a plan for each new shape: each new number or length of prompts.
-    Call after the engine has set up the cache (chapter 9 has the figures).
+def compile_batched_prefill(llm: LLM) -> Callable[[list[tuple[Tensor, Tensor]], int], list[Tensor]]:
+    """A serving engine's step that prefills arriving prompts (`Transformer.forward_blocks`: the running rows'
+    tokens [B, 1], if any, then the prompts' [n, T], with their positions; the cache positions in use) on a GPU:
+    graphs dynamic in B, n, T and the cache positions, where eager pays a kernel launch per operation whatever the
+    prompts' size. Attention leaves out cuDNN's kernel, which builds a plan for each new shape. Call after the
+    engine has set up the cache (chapter 9 has the figures).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model, device = llm.model, llm.device
-    compiled = torch.compile(own_copy(forward_rows), fullgraph=True, dynamic=True,
+    compiled = torch.compile(own_copy(forward_blocks), fullgraph=True, dynamic=True,
                              options=_options(model, device, tune=False))  # fmt: skip
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-    def prefill(tokens: Tensor, positions: Tensor, cache_len: int) -> Tensor:
+    def prefill(blocks: list[tuple[Tensor, Tensor]], cache_len: int) -> list[Tensor]:
+        tokens, positions = blocks[-1]
         T = tokens.shape[1]
         if T == 1:  # a length of 1 would be a graph of its own: pad, writing the cache past the prompt's end
-            tokens, positions = tokens.repeat(1, 2), torch.cat([positions, positions + 1], dim=1)
+            blocks = [*blocks[:-1], (tokens.repeat(1, 2), torch.cat([positions, positions + 1], dim=1))]
         with sdpa_kernel(backends):
-            return compiled(model, tokens, positions, cache_len)[:, :T]
+            logits = compiled(model, blocks, cache_len)
+        return [*logits[:-1], logits[-1][:, :T]]
 
-    with torch.inference_mode():  # one row and several: dynamo specializes a size of 1
-        for rows in tqdm((1, 2), desc="compiling the prefill", unit="graph"):
-            prefill(torch.zeros(rows, 3, dtype=torch.long, device=device),
-                    torch.arange(3, device=device).expand(rows, 3), min(256, model.args.max_seq_len))  # fmt: skip
+    def zeros(rows: int, length: int) -> tuple[Tensor, Tensor]:
+        return (torch.zeros(rows, length, dtype=torch.long, device=device),
+                torch.arange(length, device=device).expand(rows, length))  # fmt: skip
+
+    # dynamo specializes sizes of 1: prompts alone, one and several (a server's start), and one arriving while
+    # several run (its steady state); other mixes compile when they first come
+    with torch.inference_mode():
+        for running, rows in tqdm([(0, 1), (0, 2), (2, 1)], desc="compiling the prefill", unit="graph"):
+            prefill([zeros(running, 1)] * bool(running) + [zeros(rows, 3)], min(256, model.args.max_seq_len))
     return prefill
+
+
+def forward_blocks(model: Transformer, blocks: list[tuple[Tensor, Tensor]], cache_len: int) -> list[Tensor]:
+    return model.forward_blocks(blocks, cache_len)
 
 
 def _options(model: Transformer, device: torch.device, tune: bool = True) -> dict:

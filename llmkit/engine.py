@@ -91,8 +91,9 @@ class Engine:
         self.caches = [layer.attention.kv_cache for layer in self.model.layers]
         # tokens and positions [B, 1], cache positions in use -> logits: the model, or `compile_batched_decode`'s
         self.decode_step: Callable[..., Tensor] = self.model
-        # tokens and positions [n, T], cache positions in use -> logits: the model, or `compile_batched_prefill`'s
-        self.prefill_step: Callable[..., Tensor] = self.model
+        # blocks of (tokens, positions), cache positions in use -> each block's logits: arriving prompts, after the
+        # running rows' next tokens if any (`Transformer.forward_blocks`, or `compile_batched_prefill`'s)
+        self.prefill_step: Callable[..., list[Tensor]] = self.model.forward_blocks
         self.eos = set(llm.tokenizer.eos_ids)
         self.active: list[Request] = []  # row i of the cache is active[i]
         self.positions: list[int] = []  # where each row's next token goes
@@ -154,7 +155,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Leave out cancelled requests, prefill waiting ones into free rows, then decode every active row once."""
+        """Leave out cancelled requests, then decode every active row once; waiting requests that fit in free rows
+        are prefilled in the same forward, so the weights are read once for both."""
         for request in [r for r in self.active if r.cancelled]:
             self._finish(request, "cancelled")
         arriving, cancelled, longest = [], [], 0
@@ -171,11 +173,12 @@ class Engine:
                     longest = length
         for request in cancelled:
             self._finish(request, "cancelled")
+        running = list(self.active)
         if arriving:
-            self._guarded(partial(self._admit, arriving), arriving)
-        if self.active:
-            self._guarded(self._decode, list(self.active))
-            self.steps += 1
+            self._guarded(partial(self._admit, arriving), [*running, *arriving])
+        elif running:
+            self._guarded(self._decode, running)
+        self.steps += bool(running)
 
     def _guarded(self, work: Callable[[], None], requests: list[Request]) -> None:
         """Run `work`; if the model fails (broken weights, out of memory), those requests end with the error and
@@ -187,28 +190,38 @@ class Engine:
                 self._finish(request, "error", f"the model failed: {first_line(e)}")
 
     def _admit(self, requests: list[Request]) -> None:
-        """Prefill arriving requests together in the first rows, each row's prompt padded to the longest, and take
-        each one's first token. Padding writes the cache past a prompt's end, where its decode writes before it
-        reads."""
-        n, b = len(requests), len(self.active)
-        for j in range(min(n, b)):  # running requests in rows the newcomers take move to free rows
-            self._move_row(j, max(n, b) + j)
+        """Decode the running rows and prefill arriving requests into the rows after them, in one forward (each
+        arriving prompt padded to the longest), and take every request's next token. Padding writes the cache past
+        a prompt's end, where its decode writes before it reads."""
+        running, n = list(self.active), len(requests)
         lengths = [len(r.prompt_ids) for r in requests]
-        self.active = [*requests, *self.active[n:], *self.active[:n]]
-        self.positions = [*lengths, *self.positions[n:], *self.positions[:n]]
         device, longest = self.llm.device, max(lengths)
         tokens = torch.tensor([r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in requests], device=device)
-        logits = self._forward(tokens, torch.arange(longest, device=device).expand(n, longest),
-                               self._cache_len(longest), decode=False)  # fmt: skip
-        last = logits[torch.arange(n), torch.tensor(lengths) - 1, : self.llm.tokenizer.vocab_size]
-        for request, row in zip(requests, last, strict=True):
-            self._take(request, sample(row, request.temperature, request.top_k, request.top_p, request.rng))
+        blocks = [self._running_rows()] if running else []
+        blocks.append((tokens, torch.arange(longest, device=device).expand(n, longest)))
+        logits = self._forward(blocks, self._cache_len(max([longest, *(p + 1 for p in self.positions)])))
+        last = logits[-1][torch.arange(n), torch.tensor(lengths) - 1, : self.llm.tokenizer.vocab_size]
+        taken = self._next_tokens(logits[0]) if running else []
+        taken += [sample(row, r.temperature, r.top_k, r.top_p, r.rng) for r, row in zip(requests, last, strict=True)]
+        self.active += requests
+        self.positions += lengths
+        for request, token in zip([*running, *requests], taken, strict=True):
+            self._take(request, token)
 
     def _decode(self) -> None:
+        running = list(self.active)
+        (logits,) = self._forward([self._running_rows()], self._cache_len(max(self.positions) + 1))
+        for request, token in zip(running, self._next_tokens(logits), strict=True):
+            self._take(request, token)
+
+    def _running_rows(self) -> tuple[Tensor, Tensor]:
+        """The active rows' last tokens and their positions, [B, 1] each."""
         device = self.llm.device
-        tokens = torch.tensor([[r.tokens[-1]] for r in self.active], device=device)
-        positions = torch.tensor(self.positions, device=device)[:, None]
-        logits = self._forward(tokens, positions, self._cache_len(max(self.positions) + 1), decode=True)
+        return (torch.tensor([[r.tokens[-1]] for r in self.active], device=device),
+                torch.tensor(self.positions, device=device)[:, None])  # fmt: skip
+
+    def _next_tokens(self, logits: Tensor) -> list[int]:
+        """The active rows' next tokens from their logits [B, 1, vocab]; each row's position moves on."""
         logits = logits[:, -1, : self.llm.tokenizer.vocab_size]  # ids past the tokenizer's have no text
         # checked and argmax-ed on the device for every row at once (on a CPU, one row of a 128k vocabulary takes
         # a millisecond); only rows that draw at a temperature are copied out, for their requests' generators
@@ -218,15 +231,15 @@ class Engine:
         rows = dict(zip(drawn, logits[drawn].cpu(), strict=True)) if drawn else {}
         for i in range(len(self.active)):
             self.positions[i] += 1
-        for i, request in enumerate(list(self.active)):
-            self._take(request, sample(rows[i], request.temperature, request.top_k, request.top_p, request.rng)
-                       if i in rows else greedy[i])  # fmt: skip
+        return [sample(rows[i], r.temperature, r.top_k, r.top_p, r.rng) if i in rows else greedy[i]
+                for i, r in enumerate(self.active)]  # fmt: skip
 
-    def _forward(self, tokens: Tensor, positions: Tensor, cache_len: int, decode: bool) -> Tensor:
-        """The model on the cache's first rows: a prefill, or one decode step (compiled when `decode_step` is)."""
-        if decode:
-            return self.decode_step(tokens, positions, cache_len=cache_len)
-        return self.prefill_step(tokens, positions, cache_len=cache_len)
+    def _forward(self, blocks: list[tuple[Tensor, Tensor]], cache_len: int) -> list[Tensor]:
+        """The model on the cache's first rows: a decode step alone (compiled when `decode_step` is), or blocks
+        that prefill arriving prompts."""
+        if len(blocks) == 1 and blocks[0][0].shape[1] == 1:
+            return [self.decode_step(*blocks[0], cache_len=cache_len)]
+        return self.prefill_step(blocks, cache_len=cache_len)
 
     def _cache_len(self, used: int) -> int:
         """The cache positions a step attends to: those in use, rounded up to a multiple of CACHE_BLOCK."""

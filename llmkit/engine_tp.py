@@ -27,9 +27,9 @@ class MirroredEngine(Engine):
     def _tell(self, call: tuple) -> None:
         dist.broadcast_object_list([call], src=0, group=self.calls)
 
-    def _forward(self, tokens: Tensor, positions: Tensor, cache_len: int, decode: bool) -> Tensor:
-        self._tell(("forward", tokens.tolist(), positions.tolist(), cache_len, decode))
-        return super()._forward(tokens, positions, cache_len, decode)
+    def _forward(self, blocks: list[tuple[Tensor, Tensor]], cache_len: int) -> list[Tensor]:
+        self._tell(("forward", [(tokens.tolist(), positions.tolist()) for tokens, positions in blocks], cache_len))
+        return super()._forward(blocks, cache_len)
 
     def _move_row(self, src: int, dst: int) -> None:
         self._tell(("move", src, dst))
@@ -53,6 +53,6 @@ def follow(engine: MirroredEngine) -> None:
             if kind == "move":
                 Engine._move_row(engine, *args)
             else:
-                tokens, positions, cache_len, decode = args
-                Engine._forward(engine, torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
-                                cache_len, decode)  # fmt: skip
+                blocks, cache_len = args
+                Engine._forward(engine, [(torch.tensor(tokens, device=device), torch.tensor(positions, device=device))
+                                         for tokens, positions in blocks], cache_len)  # fmt: skip

@@ -7,7 +7,9 @@ KV cache: preallocated buffers updated in place, so decoding is one token at a t
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,24 +121,33 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, first_row: int = 0) -> tuple[Tensor, Tensor]:
         """Write k and v [B, H_kv, T, D] at their positions; return the cache rows the batch attends to.
 
         input_pos [T]: every row at the same positions, and the batch fills the cache (one request, or an export).
-        input_pos [B, T]: each row at its own positions, in the cache's first B rows (a server's active requests).
+        input_pos [B, T]: each row at its own positions, in the cache's rows from `first_row` on (a server's).
         """
         if input_pos.dim() == 1:
             self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
             self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
             return self.k_cache, self.v_cache
         B = k.shape[0]
-        rows = torch.arange(B, device=k.device)[:, None]
+        rows = torch.arange(first_row, first_row + B, device=k.device)[:, None]
         # indexing [rows, :, input_pos] selects [B, T, H_kv, D]: the heads move behind the positions. Written
         # into the whole buffer, not a view of its first B rows: compiled with B dynamic, a write into the view
         # becomes a copy of those rows out and back, every row's whole cache at every step
         self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
         self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
-        return self.k_cache[:B], self.v_cache[:B]
+        return self.k_cache[first_row : first_row + B], self.v_cache[first_row : first_row + B]
+
+
+class Rows(NamedTuple):
+    """A block of rows in a step of several (`Transformer.forward_blocks`): positions [B, T], RoPE, mask."""
+
+    input_pos: Tensor
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor
 
 
 class Attention(nn.Module):
@@ -151,14 +162,31 @@ class Attention(nn.Module):
         self.register_load_state_dict_pre_hook(join_qkv)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None):
-        B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        return self.wo(self.concat_heads(self.wqkv(x), cos, sin, mask, input_pos))
+
+    def forward_blocks(self, x: Tensor, blocks: Sequence[Rows]) -> Tensor:
+        """x [1, N, dim]: the blocks' tokens one after another, block i in the cache rows after block i - 1's.
+        The products take all N tokens at once; attention runs per block."""
+        qkv, out, start, first_row = self.wqkv(x)[0], [], 0, 0
+        for rows in blocks:
+            B, T = rows.input_pos.shape
+            part = qkv[start : start + B * T].view(B, T, -1)
+            out.append(self.concat_heads(part, rows.cos, rows.sin, rows.mask, rows.input_pos, first_row).flatten(0, 1))
+            start, first_row = start + B * T, first_row + B
+        return self.wo(torch.cat(out)[None])
+
+    def concat_heads(self, qkv: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
+                     first_row: int = 0) -> Tensor:  # fmt: skip
+        """Every head's attention for tokens [B, T] from their projections `qkv`, side by side: the paper's
+        Concat(head_1, ..., head_h) before W^O, [B, T, dim]."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:  # decoding: attend to the whole cache, masked to the past
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, first_row)
             k, v = k.to(q.dtype), v.to(q.dtype)
             # as many positions as the mask has: all, or the cache's first `cache_len`
             width = mask.shape[-1]
@@ -167,7 +195,7 @@ class Attention(nn.Module):
                 k, v = k.index_select(2, window), v.index_select(2, window)
             else:
                 k, v = k[:, :, :width], v[:, :, :width]
-        return self.wo(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+        return attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -226,6 +254,10 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def forward_blocks(self, x: Tensor, blocks: Sequence[Rows]) -> Tensor:
+        h = x + self.attention.forward_blocks(self.attention_norm(x), blocks)
+        return h + self.feed_forward(self.ffn_norm(h))
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -254,17 +286,32 @@ class Transformer(nn.Module):
         if input_pos is None:
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
         else:
-            # [T, D] and [T, S], or per row [B, T, D] and [B, T, S]: each needs a head dimension before T
-            cos, sin, mask = self.rope_cos[input_pos], self.rope_sin[input_pos], self.causal_mask[input_pos]
-            mask = mask if cache_len is None else mask[..., :cache_len]
-            if input_pos.dim() == 2:
-                cos, sin, mask = cos[:, None], sin[:, None], mask[:, None]
-            else:
-                mask = mask[None, None]
+            cos, sin, mask = self.rope_and_mask(input_pos, cache_len)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x))
+
+    def forward_blocks(self, blocks: Sequence[tuple[Tensor, Tensor]], cache_len: int | None = None) -> list[Tensor]:
+        """Logits [B_i, T_i, vocab] for blocks of (tokens, positions) [B_i, T_i] in one pass, block i in the
+        cache rows after block i - 1's: a server's step, the running requests' next tokens [B, 1] with arriving
+        prompts [n, T]. The matrix products take every block's tokens at once, reading the weights once."""
+        rows = [Rows(pos, *self.rope_and_mask(pos, cache_len)) for _, pos in blocks]
+        x = self.tok_embeddings(torch.cat([tokens.flatten() for tokens, _ in blocks]))[None]
+        for layer in self.layers:
+            x = layer.forward_blocks(x, rows)
+        logits = self.output(self.norm(x))[0]
+        sizes = [tokens.numel() for tokens, _ in blocks]
+        return [part.view(*tokens.shape, -1) for part, (tokens, _) in zip(logits.split(sizes), blocks, strict=True)]
+
+    def rope_and_mask(self, input_pos: Tensor, cache_len: int | None) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE's cos and sin and the causal mask at these positions, shaped to broadcast over the heads."""
+        # [T, D] and [T, S], or per row [B, T, D] and [B, T, S]: each needs a head dimension before T
+        cos, sin, mask = self.rope_cos[input_pos], self.rope_sin[input_pos], self.causal_mask[input_pos]
+        mask = mask if cache_len is None else mask[..., :cache_len]
+        if input_pos.dim() == 2:
+            return cos[:, None], sin[:, None], mask[:, None]
+        return cos, sin, mask[None, None]
 
     def setup_buffers(self, max_batch_size: int = 1) -> None:
         """(Re)build the RoPE tables, the causal mask and empty KV caches of `max_batch_size` rows on the

@@ -33,6 +33,27 @@ def test_a_batched_forward_with_its_own_positions_per_row_equals_each_row_alone(
     torch.testing.assert_close(window, logits, rtol=1e-5, atol=1e-5)
 
 
+def test_running_rows_and_arriving_prompts_in_one_forward_equal_their_own_forwards(make_model):
+    """`forward_blocks`: two running rows' next tokens and two arriving prompts (in the cache rows after them) in
+    one pass give the logits and cache entries each block gets in a forward of its own."""
+    import copy
+
+    model = make_model()
+    model.setup_buffers(max_batch_size=4)
+    g = torch.Generator().manual_seed(0)
+    running = (torch.randint(0, 300, (2, 1), generator=g), torch.tensor([[4], [2]]))
+    arriving = (torch.randint(0, 300, (2, 6), generator=g), torch.arange(6).expand(2, 6))
+    with torch.inference_mode():
+        model(torch.randint(0, 300, (2, 5), generator=g), torch.arange(5).expand(2, 5))  # the running rows' past
+        alone, prompts_alone = copy.deepcopy(model), copy.deepcopy(model)
+        got = model.forward_blocks([running, arriving], cache_len=16)
+        want = [alone(*running, cache_len=16), prompts_alone(*arriving, cache_len=16)]  # prompts in rows 0 and 1
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(model.layers, prompts_alone.layers, strict=True):
+        assert torch.equal(ours.attention.kv_cache.k_cache[2:, :, :6], theirs.attention.kv_cache.k_cache[:2, :, :6])
+
+
 def test_a_step_compiled_for_any_batch_size_writes_the_cache_in_place(make_model):
     """Compiled with the batch size dynamic (as the GPU's batched decode graph is), the step writes each row's new
     key and value into the cache itself. Writing through a view of the cache's first B rows made inductor copy
@@ -62,11 +83,17 @@ def test_eight_greedy_requests_batched_equal_each_alone(tiny_folder, engine, mon
     lengths = [30, 5, 17, 40, 1, 23, 12, 8]
     alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, lengths, strict=True)]
     requests = [Request(reference.encode_prompt(p), n, temperature=0) for p, n in zip(PROMPTS, lengths, strict=True)]
-    prefills = []
-    engine.model.register_forward_pre_hook(lambda _, args: prefills.append(args[0].shape) if args[0].shape[1] > 1
-                                           else None)  # fmt: skip
+    steps, prefill = [], engine.prefill_step
+
+    def recorded(blocks, cache_len):
+        steps.append([tokens.shape for tokens, _ in blocks])
+        return prefill(blocks, cache_len)
+
+    engine.prefill_step = recorded
     run_to_completion(engine, requests)  # 8 requests through 4 rows: they join and leave between steps
-    assert prefills[0] == (4, max(len(r.prompt_ids) for r in requests[:4]))  # the first four in one forward, padded
+    assert steps[0] == [(4, max(len(r.prompt_ids) for r in requests[:4]))]  # the first four in one forward, padded
+    # the others arrive as rows free up, each prefilled in the forward that decodes the rows still running
+    assert len(steps) > 1 and all(len(s) == 2 and s[0][1] == 1 and s[0][0] + s[1][0] <= 4 for s in steps[1:])
     assert [r.tokens for r in requests] == [a.tokens for a in alone]
     assert [r.text for r in requests] == [a.text for a in alone]
     assert engine.load()["active"] == 0 and engine.steps < sum(lengths)  # batched: fewer steps than tokens
@@ -89,20 +116,26 @@ def test_the_compiled_step_gives_the_eager_tokens(tiny_folder, engine):
 
 
 def test_the_compiled_prefill_gives_the_eager_logits_and_tokens(tiny_folder, engine):
-    """`serve --compile` on a GPU compiles the prefill too (dynamic in rows, length and cache window); the same
-    graph on the CPU: logits within float32 rounding of eager's for one row and several, a one-token prompt (padded
-    to two inside) and longer ones, then the engine's greedy tokens equal each request's alone."""
+    """`serve --compile` on a GPU compiles the prefill too (dynamic in running rows, prompts, length and cache
+    window); the same graphs on the CPU: logits within float32 rounding of eager's for one prompt and several, a
+    one-token prompt (padded to two inside) and longer ones, alone or after running rows, then the engine's greedy
+    tokens equal each request's alone."""
     from llmkit.compile import compile_batched_prefill
 
     model = engine.model
     prefill = compile_batched_prefill(engine.llm)
     g = torch.Generator().manual_seed(3)
+
+    def block(rows: int, length: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, model.args.vocab_size, (rows, length), generator=g)
+        return tokens, torch.arange(start, start + length).expand(rows, length)
+
     with torch.inference_mode():
-        for rows, length, start in [(1, 1, 0), (1, 6, 4), (3, 7, 0), (4, 2, 9)]:
-            tokens = torch.randint(0, model.args.vocab_size, (rows, length), generator=g)
-            positions = torch.arange(start, start + length).expand(rows, length)
-            compiled = prefill(tokens, positions, 32).clone()
-            torch.testing.assert_close(compiled, model(tokens, positions, cache_len=32), rtol=1e-4, atol=1e-4)
+        for running, rows, length, start in [(0, 1, 1, 0), (0, 1, 6, 4), (0, 3, 7, 0), (2, 1, 5, 0), (3, 1, 2, 9)]:
+            blocks = [block(running, 1, 12)] * bool(running) + [block(rows, length, start)]
+            compiled = [t.clone() for t in prefill(blocks, 32)]
+            for got, want in zip(compiled, model.forward_blocks(blocks, 32), strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     reference = llmkit.load(tiny_folder)
     work = list(zip(PROMPTS[2:6], [9, 14, 3, 20], strict=True))
     alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in work]

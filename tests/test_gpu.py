@@ -86,18 +86,24 @@ def test_serving_engine_compiled_per_batch_size_matches_eager_on_the_gpu(make_mo
 
 
 def test_serving_prefill_compiled_matches_eager_on_the_gpu(make_model):
-    """`serve --compile`'s prefill on a GPU (one dynamic graph, cuDNN attention left out): logits of prompts of
-    several rows and lengths, one token among them, against eager's (same tolerance)."""
+    """`serve --compile`'s prefill on a GPU (dynamic graphs, cuDNN attention left out): logits of prompts of
+    several rows and lengths, one token among them, alone or after running rows' next tokens, against eager's
+    (same tolerance)."""
     from llmkit.compile import compile_batched_prefill
 
     llm = _model(make_model, "none", 2)
     llm.model.setup_buffers(4)
     prefill, g, diffs = compile_batched_prefill(llm), torch.Generator("cuda").manual_seed(2), []
+
+    def block(rows: int, length: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, ARGS.vocab_size, (rows, length), device="cuda", generator=g)
+        return tokens, torch.arange(start, start + length, device="cuda").expand(rows, length)
+
     with torch.inference_mode():
-        for rows, length in [(1, 1), (3, 7), (4, 12), (2, 5)]:
-            tokens = torch.randint(0, ARGS.vocab_size, (rows, length), device="cuda", generator=g)
-            positions = torch.arange(length, device="cuda").expand(rows, length)
-            compiled = prefill(tokens, positions, 64).float()
-            diffs.append((compiled - llm.model(tokens, positions, cache_len=64).float()).abs().max().item())
+        for running, rows, length in [(0, 1, 1), (0, 3, 7), (0, 4, 12), (2, 2, 5), (3, 1, 9)]:
+            blocks = [block(running, 1, 20)] * bool(running) + [block(rows, length, 0)]
+            compiled = [t.float() for t in prefill(blocks, 64)]
+            eager = llm.model.forward_blocks(blocks, 64)
+            diffs += [(a - b.float()).abs().max().item() for a, b in zip(compiled, eager, strict=True)]
     print(f"MEASURED serving prefill, compiled: max |compiled - eager| = {max(diffs):.4f}")
     assert max(diffs) <= TOLERANCE
