@@ -233,10 +233,13 @@ def compile_batched_prefill(llm: LLM) -> Callable[[list[tuple[Tensor, Tensor]], 
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def prefill(blocks: list[tuple[Tensor, Tensor]], cache_len: int) -> list[Tensor]:
+        if cache_len >= model.args.max_seq_len:  # the whole cache (long contexts only): as graphs of their own, the
+            return model.forward_blocks(blocks, cache_len)  # mixes would pass dynamo's limit of 8; eager
         tokens, positions = blocks[-1]
         T = tokens.shape[1]
         if T == 1:  # a length of 1 would be a graph of its own: pad, writing the cache past the prompt's end
             blocks = [*blocks[:-1], (tokens.repeat(1, 2), torch.cat([positions, positions + 1], dim=1))]
+        blocks = [(t.contiguous(), p.contiguous()) for t, p in blocks]  # an expanded tensor's strides: more graphs
         with sdpa_kernel(backends):
             logits = compiled(model, blocks, cache_len)
         return [*logits[:-1], logits[-1][:, :T]]
@@ -245,11 +248,12 @@ def compile_batched_prefill(llm: LLM) -> Callable[[list[tuple[Tensor, Tensor]], 
         return (torch.zeros(rows, length, dtype=torch.long, device=device),
                 torch.arange(length, device=device).expand(rows, length))  # fmt: skip
 
-    # dynamo specializes sizes of 1: prompts alone, one and several (a server's start), and one arriving while
-    # several run (its steady state); other mixes compile when they first come
+    # dynamo specializes sizes of 1: none, one or several running rows, with one or several prompts, so that no
+    # graph compiles while requests wait
+    mixes = [(running, rows) for running in (0, 1, 2) for rows in (1, 2)]
     with torch.inference_mode():
-        for running, rows in tqdm([(0, 1), (0, 2), (2, 1)], desc="compiling the prefill", unit="graph"):
-            prefill([zeros(running, 1)] * bool(running) + [zeros(rows, 3)], min(256, model.args.max_seq_len))
+        for running, rows in tqdm(mixes, desc="compiling the prefill", unit="graph"):
+            prefill([zeros(running, 1)] * bool(running) + [zeros(rows, 3)], min(256, model.args.max_seq_len // 2))
     return prefill
 
 

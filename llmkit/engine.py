@@ -174,20 +174,21 @@ class Engine:
         for request in cancelled:
             self._finish(request, "cancelled")
         running = list(self.active)
-        if arriving:
-            self._guarded(partial(self._admit, arriving), [*running, *arriving])
-        elif running:
+        # a failed prefill ends the arriving requests only: the running rows then take their step alone
+        if not (arriving and self._guarded(partial(self._admit, arriving), arriving)) and running:
             self._guarded(self._decode, running)
         self.steps += bool(running)
 
-    def _guarded(self, work: Callable[[], None], requests: list[Request]) -> None:
+    def _guarded(self, work: Callable[[], None], requests: list[Request]) -> bool:
         """Run `work`; if the model fails (broken weights, out of memory), those requests end with the error and
-        the engine keeps serving the others."""
+        the engine keeps serving the others. Whether `work` succeeded."""
         try:
             work()
+            return True
         except Exception as e:  # torch raises many types; one request's failure must not stop the server
             for request in requests:
                 self._finish(request, "error", f"the model failed: {first_line(e)}")
+            return False
 
     def _admit(self, requests: list[Request]) -> None:
         """Decode the running rows and prefill arriving requests into the rows after them, in one forward (each
@@ -201,11 +202,11 @@ class Engine:
         blocks.append((tokens, torch.arange(longest, device=device).expand(n, longest)))
         logits = self._forward(blocks, self._cache_len(max([longest, *(p + 1 for p in self.positions)])))
         last = logits[-1][torch.arange(n), torch.tensor(lengths) - 1, : self.llm.tokenizer.vocab_size]
-        taken = self._next_tokens(logits[0]) if running else []
-        taken += [sample(row, r.temperature, r.top_k, r.top_p, r.rng) for r, row in zip(requests, last, strict=True)]
+        first = [sample(row, r.temperature, r.top_k, r.top_p, r.rng) for r, row in zip(requests, last, strict=True)]
+        taken = self._next_tokens(logits[0]) if running else []  # the running rows move on from here
         self.active += requests
         self.positions += lengths
-        for request, token in zip([*running, *requests], taken, strict=True):
+        for request, token in zip([*running, *requests], taken + first, strict=True):
             self._take(request, token)
 
     def _decode(self) -> None:

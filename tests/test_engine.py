@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import llmkit
 from llmkit.engine import Engine, QueueFull, Request, held_back, run_to_completion
@@ -115,7 +116,7 @@ def test_the_compiled_step_gives_the_eager_tokens(tiny_folder, engine):
     assert [r.tokens for r in requests] == [a.tokens for a in alone]
 
 
-def test_the_compiled_prefill_gives_the_eager_logits_and_tokens(tiny_folder, engine):
+def test_the_compiled_prefill_gives_the_eager_logits_and_tokens(tiny_folder, engine, monkeypatch):
     """`serve --compile` on a GPU compiles the prefill too (dynamic in running rows, prompts, length and cache
     window); the same graphs on the CPU: logits within float32 rounding of eager's for one prompt and several, a
     one-token prompt (padded to two inside) and longer ones, alone or after running rows, then the engine's greedy
@@ -124,6 +125,7 @@ def test_the_compiled_prefill_gives_the_eager_logits_and_tokens(tiny_folder, eng
 
     model = engine.model
     prefill = compile_batched_prefill(engine.llm)
+    graphs = counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(3)
 
     def block(rows: int, length: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,18 +133,45 @@ def test_the_compiled_prefill_gives_the_eager_logits_and_tokens(tiny_folder, eng
         return tokens, torch.arange(start, start + length).expand(rows, length)
 
     with torch.inference_mode():
-        for running, rows, length, start in [(0, 1, 1, 0), (0, 1, 6, 4), (0, 3, 7, 0), (2, 1, 5, 0), (3, 1, 2, 9)]:
+        for running, rows, length, start in [(0, 1, 1, 0), (0, 3, 7, 0), (1, 1, 6, 4), (1, 2, 1, 0), (2, 1, 5, 0),
+                                              (2, 2, 2, 9)]:  # fmt: skip
             blocks = [block(running, 1, 12)] * bool(running) + [block(rows, length, start)]
             compiled = [t.clone() for t in prefill(blocks, 32)]
             for got, want in zip(compiled, model.forward_blocks(blocks, 32), strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     reference = llmkit.load(tiny_folder)
-    work = list(zip(PROMPTS[2:6], [9, 14, 3, 20], strict=True))
+    work = list(zip(PROMPTS[2:8], [9, 14, 3, 20, 6, 11], strict=True))  # the last two join running rows
     alone = [reference.generate(p, max_new_tokens=n, temperature=0) for p, n in work]
     engine.prefill_step = prefill
+    monkeypatch.setattr("llmkit.engine.CACHE_BLOCK", 8)  # windows below the whole cache, which runs eager
     requests = [Request(reference.encode_prompt(p), n, temperature=0) for p, n in work]
     run_to_completion(engine, requests, timeout=120)
     assert [r.tokens for r in requests] == [a.tokens for a in alone]
+    assert counters["stats"]["unique_graphs"] == graphs, "a mix of rows compiled a graph while serving"
+
+
+def test_a_prefill_that_fails_ends_the_arriving_requests_only(tiny_folder, engine):
+    """A forward that fails (out of memory, say) while prefilling an arriving prompt beside running rows ends the
+    arriving request with the error; the running row takes its step alone and gets the tokens it gets alone."""
+    reference = llmkit.load(tiny_folder)
+    alone = reference.generate(PROMPTS[0], max_new_tokens=12, temperature=0)
+    prefill = engine.prefill_step
+
+    def failing(blocks, cache_len):
+        if len(blocks) == 2:  # running rows and arriving prompts
+            raise RuntimeError("out of memory (a test)")
+        return prefill(blocks, cache_len)
+
+    engine.prefill_step = failing
+    running = Request(reference.encode_prompt(PROMPTS[0]), 12, temperature=0)
+    engine.submit(running)
+    engine.step()  # prefilled alone
+    late = Request(reference.encode_prompt(PROMPTS[1]), 5, temperature=0)
+    run_to_completion(engine, [late])
+    assert late.finish_reason == "error" and running.finish_reason is None
+    while running.finish_reason is None:
+        engine.step()
+    assert running.finish_reason == "length" and running.tokens == alone.tokens
 
 
 def test_a_seeded_request_gets_the_same_tokens_alone_or_batched(tiny_folder, engine):
