@@ -3,7 +3,7 @@
 # tests of the whole suite, the serving figures of random-weight shapes and the decode attention's (#25); the
 # compiled speculative pair (#28).
 # Usage (on the GPU machine, from the repository root): bash benchmarks/gpu_session.sh STAGES OUT
-# STAGES: comma-separated of tests,gputests,sweep,gemv,aoti,bench,serve,attn,spec
+# STAGES: comma-separated of tests,gputests,spectests,sweep,gemv,aoti,bench,serve,attn,spec
 set -u
 STAGES=$1; OUT=$2
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -14,10 +14,14 @@ if has tests; then
   timeout 100 python3 -m pytest -q tests/test_kernels.py -x 2>&1 | tail -30 > $OUT/tests.log
   tail -5 $OUT/tests.log
 fi
-if has gputests; then
-  timeout 540 python3 -m pytest -q -rs --durations=8 tests/test_gpu.py tests/test_speculative.py -k "gpu" 2>&1 | tail -30 \
-    > $OUT/gputests.log
+if has gputests; then  # the model, kernels and serving on the GPU (the prefill compiles six graphs)
+  timeout 500 python3 -m pytest -q -rs --durations=8 tests/test_gpu.py 2>&1 | tail -30 > $OUT/gputests.log
   tail -8 $OUT/gputests.log
+fi
+if has spectests; then  # speculative decoding on the GPU, eager and compiled (~200 s)
+  timeout 400 python3 -m pytest -q -rs --durations=3 tests/test_speculative.py -k "gpu" 2>&1 | tail -20 \
+    > $OUT/spectests.log
+  tail -5 $OUT/spectests.log
 fi
 if has sweep; then
   timeout 200 python3 benchmarks/gemv_bench.py --shape llama-2-7b --sweep --out $OUT/sweep.jsonl \
