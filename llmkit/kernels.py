@@ -256,10 +256,9 @@ def _check(x: Tensor, k: int) -> None:
                           "llmkit.kernels is imported")  # fmt: skip
 
 
-def _launch(kernel, x: Tensor, weights: tuple, n: int, k: int, cfg: Config, out: Tensor | None,
-            force_rows: int | None = None, **meta) -> Tensor:  # fmt: skip
+def _launch(kernel, x: Tensor, weights: tuple, n: int, k: int, cfg: Config, out: Tensor | None, **meta) -> Tensor:
     m = x.shape[0]
-    block_m = force_rows or (1 if m == 1 else 16)
+    block_m = 1 if m == 1 and not cfg.tensor_cores else 16
     k_split = -(-k // (cfg.split_k * cfg.block_k)) * cfg.block_k
     even = n % cfg.block_n == 0 and k % (cfg.split_k * cfg.block_k) == 0
     if cfg.split_k > 1:  # the splits add into float32 zeros; `out`, if given, receives the sum
@@ -303,7 +302,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scale: Tensor, offset: Tensor, cfg: C
     bias = 128 if x.dtype == torch.bfloat16 and not INTERPRETED else 0
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     return _launch(_int4_tc_kernel, x.contiguous(), (packed, scale, offset), n, k, cfg, out, GROUP=group, BIAS=bias,
-                   PRECISION=precision, force_rows=16)  # fmt: skip
+                   PRECISION=precision)  # fmt: skip
 
 
 # The ops torch.compile and export see: their bodies are traced, so the kernels land in the graph as
