@@ -7,6 +7,7 @@ runner needs besides the graph travels as constant methods (`get_max_seq_len`, `
 """
 
 import copy
+import functools
 import json
 import re
 import struct
@@ -260,11 +261,26 @@ def non_delegated_ops(program: "str | Path | ExecutorchProgramManager") -> Count
     return ops
 
 
+@functools.cache
+def size_thread_pool() -> int:
+    """Size ExecuTorch's thread pool (XNNPACK's threads) as torch's, once, before this process loads a program.
+
+    The pool starts one thread per core whatever `torch.set_num_threads` (`--threads`) says, so a one-thread
+    run would use every core; and a program's delegates keep the pool they were loaded with, so resizing it
+    after a load would leave them on freed threads (a crash): the first program's thread count stays."""
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+
+    if _threadpool_get_thread_count() != torch.get_num_threads():
+        _unsafe_reset_threadpool(torch.get_num_threads())
+    return torch.get_num_threads()
+
+
 def check_pte(path: str | Path) -> tuple["Program", dict]:
     """Open a `.pte` in ExecuTorch's runtime, check it is a text LLM program: (program, metadata values)."""
     from executorch.runtime import Runtime
 
     import_executorch_ops()
+    size_thread_pool()
     path = Path(path)
     if not path.is_file():
         raise LLMKitError(f"ExecuTorch program not found: {path}")

@@ -10,6 +10,9 @@ and differ only where float rounding carries an activation across an int8 roundi
 element: measured 0 to 3.5% of the quantization change). We allow 10% and require the same greedy tokens.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -98,6 +101,18 @@ def test_fp32_pte_matches_eager(tiny, fp32_pte):
         assert (pte.step(tokens(), torch.arange(30)) - eager.model(tokens())).abs().max() <= 1e-4
     assert greedy(pte) == greedy(eager)
     assert non_delegated_ops(fp32_pte) == OUTSIDE
+
+
+def test_pte_runs_on_torch_threads(fp32_pte):
+    """--threads sets torch's thread count; ExecuTorch's pool (XNNPACK's threads) follows it, where by itself it
+    starts one thread per core. In fresh processes: the pool is sized once, before a process's first program."""
+    code = ("import sys, torch; torch.set_num_threads(int(sys.argv[2])); from llmkit.executorch import load_pte; "
+            "from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count as count; "
+            "load_pte(sys.argv[1]).generate('the', max_new_tokens=4, temperature=0); print('pool', count())")
+    for n in (1, 3):  # 1 and 3 differ from the default on 2 cores; 1 on any machine of several
+        done = subprocess.run([sys.executable, "-c", code, str(fp32_pte), str(n)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split()[-2:] == ["pool", str(n)]
 
 
 def test_quantized_pte_matches_eager_quantized(tiny, fp32_pte, quantized):
