@@ -106,9 +106,11 @@ def test_fp32_pte_matches_eager(tiny, fp32_pte):
 def test_pte_runs_on_torch_threads(fp32_pte):
     """--threads sets torch's thread count; ExecuTorch's pool (XNNPACK's threads) follows it, where by itself it
     starts one thread per core. In fresh processes: the pool is sized once, before a process's first program."""
-    code = ("import sys, torch; torch.set_num_threads(int(sys.argv[2])); from llmkit.executorch import load_pte; "
-            "from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count as count; "
-            "load_pte(sys.argv[1]).generate('the', max_new_tokens=4, temperature=0); print('pool', count())")
+    code = (
+        "import sys, torch; torch.set_num_threads(int(sys.argv[2])); from llmkit.executorch import load_pte; "
+        "from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count as count; "
+        "load_pte(sys.argv[1]).generate('the', max_new_tokens=4, temperature=0); print('pool', count())"
+    )
     for n in (1, 3):  # 1 and 3 differ from the default on 2 cores; 1 on any machine of several
         done = subprocess.run([sys.executable, "-c", code, str(fp32_pte), str(n)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
