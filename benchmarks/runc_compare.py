@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,18 @@ def time_runc(binary: Path, model: Path, tokenizer: Path, threads: int, repeats:
 
 
 
+def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of the fastest of `repeats` float32 sums over `nbytes` on torch's threads: about what a decode step
+    that reads each of that many bytes of weights once can reach (a ceiling for the float32 paths)."""
+    x = torch.ones(nbytes // 4)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return nbytes / min(times[1:])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--llama2c", type=Path, required=True, help="a checkout of karpathy/llama2.c")
@@ -92,9 +105,14 @@ def main() -> int:
         for threads in args.threads:
             torch.set_num_threads(threads)
             runc = time_runc(binary, model, tokenizer, threads, args.repeats)
+            weights, sums = model.stat().st_size, read_bandwidth(model.stat().st_size)
             rows.append({"command": f"OMP_NUM_THREADS={threads} run model.bin -t 0 -n {STEPS}", "source": "run.c",
                          "llama2c_commit": commit, "decode_tokens_per_s": runc, "repeats": args.repeats,
+                         "weights_read_bandwidth": runc * weights, "sum_read_bandwidth": sums,
                          **environment(torch.device("cpu"))})  # fmt: skip
+            print(f"{threads} thread(s): run.c reads its weights at {runc * weights / 1e9:.1f} GB/s, a sum over as "
+                  f"many bytes at {sums / 1e9:.1f} GB/s: float32 weights read once a step allow at most "
+                  f"{sums / (runc * weights):.2f}x run.c")  # fmt: skip
             ours = []
             for scheme, path in LLMKIT_RUNS:
                 if args.schemes is None or scheme in args.schemes:
