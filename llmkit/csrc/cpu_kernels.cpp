@@ -314,8 +314,10 @@ at::Tensor int8_weight_mm(const at::Tensor& x, const at::Tensor& q, const at::Te
   const float *xp = xc.const_data_ptr<float>(), *sp = sc.const_data_ptr<float>();
   const int8_t* qp = qc.const_data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
-  thread_local std::vector<int64_t> sums;  // reused, as the quantized row is
-  sums.resize(N);
+  // reused, as the quantized row is, and never shrunk: growing it back zeroes the new part (the output matrix's
+  // 32000 rows after a 288-row one, every step)
+  thread_local std::vector<int64_t> sums;
+  if (sums.size() < static_cast<size_t>(N)) sums.resize(N);
   int64_t* D = sums.data();  // the workers' own thread_local copies are not this one
   // about 32 KB of weights per task, in whole blocks of 4 rows: a thread's share of a small matrix is not worth
   // waking another for
