@@ -68,7 +68,6 @@ def time_runc(binary: Path, model: Path, tokenizer: Path, threads: int, repeats:
     return statistics.median(speeds)
 
 
-
 def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
     """Bytes/s of the fastest of `repeats` float32 sums over `nbytes` on torch's threads: about what a decode step
     that reads each of that many bytes of weights once can reach (a ceiling for the float32 paths)."""
