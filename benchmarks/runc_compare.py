@@ -104,7 +104,8 @@ def main() -> int:
         for threads in args.threads:
             torch.set_num_threads(threads)
             runc = time_runc(binary, model, tokenizer, threads, args.repeats)
-            weights, sums = model.stat().st_size, read_bandwidth(model.stat().st_size)
+            weights = model.stat().st_size
+            sums = read_bandwidth(weights)
             rows.append({"command": f"OMP_NUM_THREADS={threads} run model.bin -t 0 -n {STEPS}", "source": "run.c",
                          "llama2c_commit": commit, "decode_tokens_per_s": runc, "repeats": args.repeats,
                          "weights_read_bandwidth": runc * weights, "sum_read_bandwidth": sums,

@@ -262,7 +262,7 @@ def non_delegated_ops(program: "str | Path | ExecutorchProgramManager") -> Count
 
 
 @functools.cache
-def size_thread_pool() -> int:
+def size_thread_pool() -> None:
     """Size ExecuTorch's thread pool (XNNPACK's threads) as torch's, once, before this process loads a program.
 
     The pool starts one thread per core whatever `torch.set_num_threads` (`--threads`) says, so a one-thread
@@ -272,7 +272,6 @@ def size_thread_pool() -> int:
 
     if _threadpool_get_thread_count() != torch.get_num_threads():
         _unsafe_reset_threadpool(torch.get_num_threads())
-    return torch.get_num_threads()
 
 
 def check_pte(path: str | Path) -> tuple["Program", dict]:
