@@ -6,13 +6,14 @@ Each timing multiplies one row of activations by COPIES copies of a matrix (as a
 matrix once, from memory or the last-level cache, not from a warm L1/L2), repeated, median of 7; microseconds
 per matrix. The ways:
   fp32 F.linear          ATen (MKL) on float32 weights, eager
-  fp32 compiled loops    the same product in llmkit's compiled decode step (inductor's one-row loop)
+  fp32 compiled loops    the same product in llmkit's compiled decode step without its kernel (inductor's loop)
+  fp32 compiled kernel   llmkit's compiled step with its C++ float32 kernel (`llmkit.cpu_kernels`)
   int8 aten int8pack     ATen's `_weight_int8pack_mm`, the library's int8 weight-only op, eager
   int8 inductor woq      inductor's own int8 weight-only lowering: freezing + max-autotune, C++ GEMM template
                          (WOQ_COPIES copies, called until it has made as many products: the others' weights
                          may stay in the cache, which can only flatter it)
   int8 compiled loops    llmkit's compiled step without its kernel (inductor's loop, one accumulator per row)
-  int8 compiled kernel   llmkit's compiled step with its C++ kernel (`llmkit.cpu_kernels`)
+  int8 compiled kernel   llmkit's compiled step with its C++ int8 kernel
 At one thread each way is also timed by the thread's own CPU time (printed), which other processes sharing the
 cores change least. Each int8 way is checked against a float64 reference. Rows carry the command, commit,
 machine and load average.
@@ -116,6 +117,8 @@ def bench_matrix(n: int, k: int, threads: int) -> dict[str, float]:
     reference = sum(x.double() @ (q.double() * s.double()[:, None]).T for q, s in int8)
     ways = {"fp32 F.linear": lambda: [F.linear(x, wi) for wi in w],
             "fp32 compiled loops": compiled(fp32, x, _options_cpu(), kernel=False),
+            **({"fp32 compiled kernel": compiled(fp32, x, _options_cpu(), kernel=True)} if cpu_kernels.available()
+               else {}),
             "int8 aten int8pack": lambda: [torch.ops.aten._weight_int8pack_mm(x, q, s) for q, s in int8]}  # fmt: skip
     frozen = Frozen(int8[:WOQ_COPIES]).eval()
     torch._dynamo.reset()

@@ -2,7 +2,8 @@
 
 `torch.compile` (llmkit.compile) and AOTInductor (llmkit.aoti) both run `OneRowProductsAsLoops` after
 inductor's own passes, so the same fused loops serve the compiled step and the exported package. On the CPU
-a one-row product by int8 weights goes to llmkit's C++ kernel (`llmkit.cpu_kernels`) instead, where it builds.
+a one-row product by int8 or float32 weights goes to llmkit's C++ kernels (`llmkit.cpu_kernels`) instead, where
+they build.
 """
 
 import torch
@@ -50,7 +51,7 @@ class OneRowProductsAsLoops(CustomGraphPass):
         # inductor's cache key: a changed pass, code generation or kernel recompiles, and so does a graph compiled
         # with the kernel in a process that can't build it
         files = get_hash_for_files((__file__, cpu_codegen.__file__, str(cpu_kernels.SOURCE)))
-        return files + (b"int8 kernel" if cpu_kernels.available() else b"int8 loops")
+        return files + (b"C++ kernels" if cpu_kernels.available() else b"loops")
 
 
 def _is_one_row(x, dim: int = 0) -> bool:
@@ -108,9 +109,21 @@ def _matmul_of_one_row(x: Tensor, w: Tensor) -> Tensor:
     return (x.float()[:, :, None] * w.float()[None]).sum(1)
 
 
+def _float_weight(x, w) -> torch.fx.Node | None:
+    """The float32 weight [N, K] of x w^T where llmkit's C++ kernel can take the product, else None."""
+    if not (w.target == aten.permute.default and w.args[1] == [1, 0] and w.args[0].op in ("placeholder", "get_attr")
+            and cpu_kernels.available()):  # fmt: skip
+        return None
+    weight, row = w.args[0].meta["val"], x.meta["val"]
+    return w.args[0] if row.dtype == weight.dtype == torch.float32 and weight.is_contiguous() else None
+
+
 @register_graph_pattern(CallFunction(aten.mm.default, Arg(), Arg()), pass_dict=_one_row_products)
 def _one_row_mm(match: Match, x, w) -> None:
-    if _is_one_row_on_cpu(x):
+    if _is_one_row_on_cpu(x) and (weight := _float_weight(x, w)) is not None:
+        # four rows at a time, where inductor's loop sums one at a time (llmkit.cpu_kernels)
+        match.replace_by_example(lambda x, w: torch.ops.llmkit_cpu.float_weight_mm(x, w), [x, weight])
+    elif _is_one_row_on_cpu(x):
         x.meta["inductor_realize_to_strides"] = True  # computed once, not again inside every row's loop
         match.replace_by_example(lambda x, w: _matmul_of_one_row(x, w).to(x.dtype), [x, w])
 

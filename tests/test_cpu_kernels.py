@@ -1,9 +1,10 @@
-"""llmkit.cpu_kernels: the C++ int8 product against float64, ATen's op and eager torchao, and its use by
-torch.compile and AOTInductor.
+"""llmkit.cpu_kernels: the C++ int8 and float32 products against float64, ATen's ops and eager torchao, and their
+use by torch.compile and AOTInductor.
 
-Tolerance: the kernel rounds each row of x to 16-bit integers (a step of sx = max|x| / 32639) and sums exactly,
-so output n differs from the float64 product by at most scale[n] * sx / 2 * sum_k |q[n, k]| (each x moves by half
-a step at most), plus float32 rounding of the result: 2**-24 of it.
+Tolerances: the int8 kernel rounds each row of x to 16-bit integers (a step of sx = max|x| / 32639) and sums
+exactly, so output n differs from the float64 product by at most scale[n] * sx / 2 * sum_k |q[n, k]| (each x moves
+by half a step at most), plus float32 rounding of the result: 2**-24 of it. The float32 kernel sums K products in
+float32 in some order: the textbook bound for any order is K 2**-24 sum_k |x[k] w[n, k]| (Higham's gamma_K).
 """
 
 import os
@@ -109,6 +110,72 @@ def test_the_op_traces_with_fake_tensors():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
 
 
+def float_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The module docstring's float32 bound, [M, N]."""
+    return x.shape[1] * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+
+
+# rows not a multiple of 4 and columns not of 32 (AVX-512: two 16-lane sums) or 16 (AVX2) take the tails
+@pytest.mark.parametrize(
+    "m, n, k", [(1, 768, 288), (1, 37, 333), (1, 4, 7), (3, 50, 40), (1, 1, 1), (1, 9, 17), (2, 8, 768), (1, 5, 1000)]
+)
+def test_float_product_matches_float64_and_aten(m, n, k):
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    out = torch.ops.llmkit_cpu.float_weight_mm(x, w)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    expected, bound = x.double() @ w.double().T, float_bound(x, w)
+    assert ((out.double() - expected).abs() <= bound).all()
+    assert ((out.double() - (x @ w.T).double()).abs() <= 2 * bound).all()  # ATen's sums in float32 too
+    assert not ((out.double() * 1.01 - expected).abs() <= bound).all()  # the bound sees a 1% error
+
+
+def test_every_float_path_is_within_the_bound():
+    """The AVX-512, AVX2 and portable float32 paths, forced one by one in fresh processes, each within the bound
+    (they add in different orders, so their bits differ)."""
+    code = (
+        "import torch; from llmkit import cpu_kernels; cpu_kernels.load(); g = torch.Generator().manual_seed(0)\n"
+        "x, w = torch.randn(2, 333, generator=g), torch.randn(37, 333, generator=g)\n"
+        "print(torch.ops.llmkit_cpu.float_weight_mm(x, w).tolist())"
+    )
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 333, generator=g), torch.randn(37, 333, generator=g)
+    for path in ("portable", "avx2", "best"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LLMKIT_CPU_KERNEL": path}).stdout.splitlines()[-1]  # fmt: skip
+        assert ((torch.tensor(eval(out)).double() - x.double() @ w.double().T).abs() <= float_bound(x, w)).all()
+
+
+def test_float_product_refuses_bad_input_in_one_line():
+    with pytest.raises(RuntimeError, match="x \\[M, K\\] and w \\[N, K\\]"):
+        torch.ops.llmkit_cpu.float_weight_mm(torch.randn(1, 15), torch.randn(8, 16))
+    with pytest.raises(RuntimeError, match="float32 x and w"):
+        torch.ops.llmkit_cpu.float_weight_mm(torch.randn(1, 16), torch.randn(8, 16, dtype=torch.float64))
+    x, w = torch.randn(1, 40), torch.randn(12, 40)
+    torch.library.opcheck(torch.ops.llmkit_cpu.float_weight_mm, (x, w),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
+
+
+def test_compiled_float_layer_calls_the_kernel_at_one_row():
+    """A float32 linear layer compiled: at one row the product is the kernel's call, at two inductor's own;
+    both within the float32 bound of float64."""
+    from torch._inductor.utils import run_and_get_code
+
+    from llmkit.compile import _options
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 200, bias=False)
+    options = _options(layer, torch.device("cpu"))
+    for rows, called in ((1, True), (2, False)):
+        torch._dynamo.reset()
+        x = torch.randn(1, rows, 96)
+        with torch.no_grad():
+            out, (code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True, options=options), x)
+        assert ("llmkit_cpu::float_weight_mm" in code or "llmkit_cpu.float_weight_mm" in code) == called, rows
+        expected = x[0].double() @ layer.weight.double().T
+        assert ((out[0].double() - expected).abs() <= float_bound(x[0], layer.weight)).all()
+
+
 def test_compiled_int8_layer_calls_the_kernel_and_matches_eager_torchao():
     """torchao's int8 weight-only linear at one row: compiled, the product is the kernel's call (not inductor's
     loop, not MKL); two rows keep inductor's product. Both match eager torchao (float32 rounding)."""
@@ -131,16 +198,17 @@ def test_compiled_int8_layer_calls_the_kernel_and_matches_eager_torchao():
         assert ((out - expected).abs() <= 1e-4 * expected.abs().max()).all()
 
 
-def test_int8_package_calls_the_kernel_in_python_and_in_the_cpp_runner(tiny_folder, tmp_path):
-    """An int8 weight-only .pt2: its decode model calls the kernel by name (the package lists the op), and loads
-    in a fresh Python process, which builds or finds the op library first, and in llmkit-run, which has the kernel
-    compiled in. Logits within 1e-4 of eager torchao's (test_compile_export's bound), the same greedy tokens."""
+@pytest.mark.parametrize("scheme", ["int8wo", None], ids=["int8wo", "float32"])
+def test_package_calls_the_kernel_in_python_and_in_the_cpp_runner(tiny_folder, tmp_path, scheme):
+    """An int8 weight-only or a float32 .pt2: its decode model calls a kernel by name (the package lists the op), and
+    loads in a fresh Python process, which builds or finds the op library first, and in llmkit-run, which has the
+    kernels compiled in. Logits within 1e-4 of eager's (test_compile_export's bound), the same greedy tokens."""
     from llmkit.aoti import CPU_OP, export_aoti
     from llmkit.loading import load
     from llmkit.quantize import quantize
 
-    eager = quantize(load(tiny_folder), "int8wo")
-    package = export_aoti(eager, tmp_path / "int8.pt2")
+    eager = quantize(load(tiny_folder), scheme) if scheme else load(tiny_folder)
+    package = export_aoti(eager, tmp_path / f"{scheme or 'float32'}.pt2")
     code = (
         "import sys, torch; from llmkit.aoti import load_aoti; llm = load_aoti(sys.argv[1]); "
         "print(llm.step(torch.tensor([[5, 6, 7]]), torch.arange(3))[0, -1].tolist()); "

@@ -1,4 +1,5 @@
-// llmkit's int8 weight-only product on the CPU: y = x (q * scale[:, None])^T, as a PyTorch custom op.
+// llmkit's one-row weight products on the CPU, as PyTorch custom ops: int8 weight-only y = x (q * scale[:, None])^T,
+// and float32 y = x w^T (at the end of the file).
 //
 // torch.ops.llmkit_cpu.int8_weight_mm(x [M, K] float32, q [N, K] int8, scale [N] float32) -> [M, N] float32,
 // the signature of ATen's _weight_int8pack_mm. Widening each int8 weight to float costs two instructions per 8
@@ -339,16 +340,115 @@ at::Tensor int8_weight_mm_meta(const at::Tensor& x, const at::Tensor& q, const a
   return at::empty({x.size(0), q.size(0)}, x.options());
 }
 
+// float32 y = x w^T, four rows of w at a time, each with two running sums (a chain of dependent adds half as
+// long), the four added across lanes together. Inductor's loop for a one-row product sums one row at a time with
+// one running sum and adds across lanes after each; ATen's calls a matrix-matrix product (chapter 8 times each).
+void float_rows_portable(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float sum = 0;
+    for (int64_t k = 0; k < K; ++k) sum += x[k] * w[n * K + k];
+    y[n] = sum;
+  }
+}
+
+#ifdef LLMKIT_X86
+#define LLMKIT_AVX512F __attribute__((target("avx512f,avx2,fma")))
+
+LLMKIT_AVX512F inline __m256 half(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+LLMKIT_AVX512F void float_rows_avx512(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* y) {
+  const int64_t K32 = K & ~int64_t(31);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    __m256 s[4];
+    for (int j = 0; j < 4; ++j) {
+      const float* r = w + (n + j) * K;
+      __m512 a = _mm512_setzero_ps(), b = a;
+      for (int64_t k = 0; k < K32; k += 32) {
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(x + k), a);
+        b = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(x + k + 16), b);
+      }
+      for (int64_t k = K32; k < K; k += 16) {  // at most two steps, the last only over the columns that exist
+        const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + k), _mm512_maskz_loadu_ps(m, x + k), a);
+      }
+      s[j] = half(_mm512_add_ps(a, b));
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    _mm_storeu_ps(y + n, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+  float_rows_portable(x, w, K, n, n1, y);
+}
+
+__attribute__((target("avx2,fma"))) void float_rows_avx2(const float* x, const float* w, int64_t K, int64_t n0,
+                                                         int64_t n1, float* y) {
+  const int64_t K16 = K & ~int64_t(15);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    __m256 s[4];
+    for (int j = 0; j < 4; ++j) {
+      const float* r = w + (n + j) * K;
+      __m256 a = _mm256_setzero_ps(), b = a;
+      for (int64_t k = 0; k < K16; k += 16) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(r + k), _mm256_loadu_ps(x + k), a);
+        b = _mm256_fmadd_ps(_mm256_loadu_ps(r + k + 8), _mm256_loadu_ps(x + k + 8), b);
+      }
+      alignas(32) float rest[8] = {};
+      for (int64_t k = K16; k < K; ++k) rest[k % 8] += r[k] * x[k];
+      s[j] = _mm256_add_ps(_mm256_add_ps(a, b), _mm256_load_ps(rest));
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    _mm_storeu_ps(y + n, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+  float_rows_portable(x, w, K, n, n1, y);
+}
+#endif
+
+void float_rows(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* y) {
+#ifdef LLMKIT_X86
+  if (level() == 2) return float_rows_avx512(x, w, K, n0, n1, y);
+  if (level() == 1 && __builtin_cpu_supports("fma")) return float_rows_avx2(x, w, K, n0, n1, y);
+#endif
+  float_rows_portable(x, w, K, n0, n1, y);
+}
+
+at::Tensor float_weight_mm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "float_weight_mm: x [M, K] and w [N, K], got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float_weight_mm takes float32 x and w");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float *xp = xc.const_data_ptr<float>(), *wp = wc.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(4, (65536 / std::max<int64_t>(K, 1)) & ~int64_t(3));  // 256 KB a task
+  for (int64_t m = 0; m < M; ++m) {
+    at::parallel_for(0, (N + 3) / 4, grain / 4, [&](int64_t b0, int64_t b1) {
+      float_rows(xp + m * K, wp, K, b0 * 4, std::min(N, b1 * 4), op + m * N);
+    });
+  }
+  return out;
+}
+
+at::Tensor float_weight_mm_meta(const at::Tensor& x, const at::Tensor& w) {
+  return at::empty({x.size(0), w.size(0)}, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmkit_cpu, m) {
   m.def("int8_weight_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("float_weight_mm(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmkit_cpu, CPU, m) {
   m.impl("int8_weight_mm", &int8_weight_mm);
+  m.impl("float_weight_mm", &float_weight_mm);
 }
 
 TORCH_LIBRARY_IMPL(llmkit_cpu, Meta, m) {
   m.impl("int8_weight_mm", &int8_weight_mm_meta);
+  m.impl("float_weight_mm", &float_weight_mm_meta);
 }
