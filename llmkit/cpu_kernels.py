@@ -8,11 +8,13 @@ costs. `torch.ops.llmkit_cpu.float_weight_mm(x, w)` computes x w^T in float32, f
 because neither ATen's ops nor inductor's code is fast at one row on the CPU (benchmarks/cpu_gemv_bench.py measures
 each). The source is compiled by `torch.utils.cpp_extension` the first time a process needs it (about 15 s on 2
 cores, then cached under ~/.cache/torch_extensions); `llmkit-run` compiles the same file in. Where no C++ compiler
-is found, `available()` says why and callers keep inductor's loops.
+is found, or `LLMKIT_CPU_KERNEL=none` is set (to compare), `available()` says why and callers keep inductor's
+loops.
 """
 
 import functools
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -38,6 +40,8 @@ def load() -> str | None:
 @functools.cache
 def why_not() -> str | None:
     """Why the kernel can't run in this process, or None when it can (building it if needed)."""
+    if os.environ.get("LLMKIT_CPU_KERNEL") == "none":
+        return "LLMKIT_CPU_KERNEL=none asks for inductor's loops"
     if shutil.which("c++") is None and shutil.which("g++") is None:
         return "no C++ compiler (apt-get install g++)"
     try:

@@ -235,3 +235,11 @@ def test_package_calls_the_kernel_in_python_and_in_the_cpp_runner(tiny_folder, t
                             text=True, check=True)  # fmt: skip
     ids = next(line for line in result.stdout.splitlines() if line.startswith("ids:"))
     assert [int(t) for t in ids.split()[1:]] == tokens
+
+
+def test_none_keeps_inductors_loops():
+    """LLMKIT_CPU_KERNEL=none (benchmarks/step_ab.py's baseline): the kernels are not used, and why_not says so."""
+    code = "from llmkit import cpu_kernels; print(cpu_kernels.available(), cpu_kernels.why_not())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "LLMKIT_CPU_KERNEL": "none"}).stdout  # fmt: skip
+    assert out.startswith("False LLMKIT_CPU_KERNEL=none")

@@ -226,7 +226,7 @@ constexpr Dots DOTS_VNNI_HELD[] = {dots_vnni, dots_vnni_held<1>, dots_vnni_held<
                                    dots_vnni_held<12>};
 constexpr int64_t HELD_STEPS = std::size(DOTS_VNNI_HELD) - 1;
 
-// LLMKIT_CPU_KERNEL=portable|avx2 picks a slower path on any CPU, for the tests
+// LLMKIT_CPU_KERNEL=portable|avx2 picks a slower path on any CPU, for the tests (none: llmkit/cpu_kernels.py)
 int level() {
   static const int chosen = [] {
     const char* want = std::getenv("LLMKIT_CPU_KERNEL");
