@@ -156,29 +156,11 @@ def test_float_product_refuses_bad_input_in_one_line():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
 
 
-def test_compiled_float_layer_calls_the_kernel_at_one_row():
-    """A float32 linear layer compiled: at one row the product is the kernel's call, at two inductor's own;
-    both within the float32 bound of float64."""
-    from torch._inductor.utils import run_and_get_code
-
-    from llmkit.compile import _options
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(96, 200, bias=False)
-    options = _options(layer, torch.device("cpu"))
-    for rows, called in ((1, True), (2, False)):
-        torch._dynamo.reset()
-        x = torch.randn(1, rows, 96)
-        with torch.no_grad():
-            out, (code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True, options=options), x)
-        assert ("llmkit_cpu::float_weight_mm" in code or "llmkit_cpu.float_weight_mm" in code) == called, rows
-        expected = x[0].double() @ layer.weight.double().T
-        assert ((out[0].double() - expected).abs() <= float_bound(x[0], layer.weight)).all()
-
-
-def test_compiled_int8_layer_calls_the_kernel_and_matches_eager_torchao():
-    """torchao's int8 weight-only linear at one row: compiled, the product is the kernel's call (not inductor's
-    loop, not MKL); two rows keep inductor's product. Both match eager torchao (float32 rounding)."""
+@pytest.mark.parametrize("op", ["float_weight_mm", "int8_weight_mm"])
+def test_compiled_layer_calls_the_kernel_at_one_row(op):
+    """A float32 linear layer, or torchao's int8 weight-only one, compiled: at one row the product is the kernel's
+    call (not inductor's loop, not MKL), at two inductor's own. Float32 within its bound of float64, int8 within
+    float32 rounding of eager torchao."""
     from torch._inductor.utils import run_and_get_code
     from torchao.quantization import Int8WeightOnlyConfig, PerRow, quantize_
 
@@ -186,7 +168,9 @@ def test_compiled_int8_layer_calls_the_kernel_and_matches_eager_torchao():
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 200, bias=False)
-    quantize_(layer, Int8WeightOnlyConfig(granularity=PerRow()))
+    weight = layer.weight.detach().clone()
+    if op == "int8_weight_mm":
+        quantize_(layer, Int8WeightOnlyConfig(granularity=PerRow()))
     options = _options(layer, torch.device("cpu"))
     for rows, called in ((1, True), (2, False)):
         torch._dynamo.reset()
@@ -194,8 +178,11 @@ def test_compiled_int8_layer_calls_the_kernel_and_matches_eager_torchao():
         with torch.no_grad():
             out, (code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True, options=options), x)
             expected = layer(x)
-        assert ("llmkit_cpu::int8_weight_mm" in code or "llmkit_cpu.int8_weight_mm" in code) == called, rows
-        assert ((out - expected).abs() <= 1e-4 * expected.abs().max()).all()
+        assert (f"llmkit_cpu::{op}" in code or f"llmkit_cpu.{op}" in code) == called, rows
+        if op == "float_weight_mm":
+            assert ((out[0].double() - x[0].double() @ weight.double().T).abs() <= float_bound(x[0], weight)).all()
+        else:
+            assert ((out - expected).abs() <= 1e-4 * expected.abs().max()).all()
 
 
 @pytest.mark.parametrize("scheme", ["int8wo", None], ids=["int8wo", "float32"])
