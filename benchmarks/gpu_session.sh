@@ -53,8 +53,9 @@ if has serve; then  # SERVE_SHAPES, SERVE_COMPILE="--compile" or empty
   for shape in ${SERVE_SHAPES:-llama-3.2-1b}; do
     timeout $((${SERVE_END:-570} - SECONDS)) python3 benchmarks/serve_shapes.py --shape $shape ${SERVE_COMPILE---compile} \
       --max-batch-size 16 --concurrency 1 2 4 8 16 --max-tokens 64 --out $OUT/serve-$shape.jsonl \
+      --server-log $OUT/server-$shape.log \
       > $OUT/serve-$shape.log 2>&1
-    tail -8 $OUT/serve-$shape.log
+    tail -8 $OUT/serve-$shape.log; tail -3 $OUT/server-$shape.log
   done
 fi
 if has attn; then  # one layer's decode attention by batch and cache window (#25)

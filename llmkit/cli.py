@@ -163,7 +163,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     server += ["--compile"] if args.compile else []
     print(f"serving with: {' '.join(map(str, server))}", file=sys.stderr)
     rows = bench_serve(server, args.concurrency, args.max_tokens, args.requests, args.out,
-                       command="llmkit " + " ".join(args.argv), url=args.url)  # fmt: skip
+                       command="llmkit " + " ".join(args.argv), url=args.url, server_log=args.server_log)  # fmt: skip
     print(table(rows))
     if args.out:
         print(f"appended {len(rows)} results to {args.out}")
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (end of sequence ignored)")
     p.add_argument("--requests", type=int, default=None, help="per level (default: 2 x concurrency, at least 8)")
     p.add_argument("--url", default=None, help="measure a server already running here instead of starting one")
+    p.add_argument("--server-log", default=None, help="write the started server's output (compile progress) here")
     p.add_argument("--out", default=None, help="append results as JSON lines to this file")
     p.set_defaults(func=cmd_bench_serve)
 

@@ -252,8 +252,9 @@ class ServerProcess:
         while not self.healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise LLMKitError(f"the server did not start (status {self.process.returncode}); "
-                                  f"command: {' '.join(command)}")  # fmt: skip
+                seen = f"; its output is in {log}" if log else ""
+                raise LLMKitError(f"the server did not start in {timeout:.0f} s (status {self.process.returncode})"
+                                  f"{seen}; command: {' '.join(command)}")  # fmt: skip
             time.sleep(0.2)
 
     def healthy(self) -> bool:

@@ -85,19 +85,21 @@ async def load_level(url: str, concurrency: int, requests: int, max_tokens: int)
 
 
 def bench_serve(server_args: Sequence[str], concurrencies: Sequence[int] = (1, 2, 4, 8, 16, 32),
-                max_tokens: int = 64, requests: int | None = None, out: str | Path | None = None,
-                command: str = "", url: str | None = None) -> list[dict]:  # fmt: skip
+                max_tokens: int = 64, requests: int | None = None, out: str | Path | None = None, command: str = "",
+                url: str | None = None, server_log: str | Path | None = None) -> list[dict]:  # fmt: skip
     """Measure each concurrency level against a server started with `server_args` (or the one at `url`).
 
     Each level sends `requests` requests (default: twice its concurrency, at least 8) after one warm-up request.
-    Rows are appended to `out` as JSON lines when given.
+    Rows are appended to `out` as JSON lines when given; the server's own output (its compile progress) goes to
+    `server_log` when given.
     """
     if any(c < 1 for c in concurrencies) or max_tokens < 1 or (requests is not None and requests < 1):
         raise LLMKitError("--concurrency, --max-tokens and --requests must be at least 1")
     if out:
         check_output_path(out, force=True)
     # compiling the decode step for every batch size takes minutes on a CPU before the server answers
-    server = None if url else ServerProcess(server_args, timeout=900 if "--compile" in server_args else 120)
+    server = None if url else ServerProcess(server_args, timeout=900 if "--compile" in server_args else 120,
+                                            log=server_log)  # fmt: skip
     url = url or server.url
     server_args = list(map(str, server_args))
     device = server_args[server_args.index("--device") + 1] if "--device" in server_args else "cpu"

@@ -294,3 +294,19 @@ def test_serve_refuses_bad_options_in_one_line(capsys, argv):
         assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("llmkit: error: ") and "Traceback" not in err
+
+
+def test_bench_serve_measures_each_level_and_keeps_the_servers_log(tiny_folder, tmp_path):
+    """`llmkit bench-serve` on the tiny model: one row per concurrency level, every request's tokens counted, the
+    started server's output in --server-log; a server that can't start names its log in the one-line error."""
+    from llmkit.errors import LLMKitError
+    from llmkit.serve_bench import bench_serve
+
+    log = tmp_path / "server.log"
+    rows = bench_serve(["--checkpoint-path", tiny_folder, "--max-batch-size", 2], concurrencies=[1, 2],
+                       max_tokens=4, requests=2, server_log=log)  # fmt: skip
+    assert [(r["concurrency"], r["errors"], r["output_tokens"]) for r in rows] == [(1, 0, 8), (2, 0, 8)]
+    assert "serving" in log.read_text()
+    with pytest.raises(LLMKitError, match=f"did not start.*its output is in {tmp_path / 'bad.log'}"):
+        bench_serve(["--checkpoint-path", tmp_path / "missing"], server_log=tmp_path / "bad.log")
+    assert "missing" in (tmp_path / "bad.log").read_text()
