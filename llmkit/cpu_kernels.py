@@ -16,11 +16,14 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+STALE_LOCK_S = 180  # a build takes 15-60 s here; a lock older than this was left by a build that was killed
 
 
 @functools.cache
@@ -31,10 +34,30 @@ def load() -> str | None:
         return None
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]  # a changed source builds a library of its own
+    name = f"llmkit_cpu_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"  # a changed source builds anew
+    clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
     # -fopenmp: at::parallel_for is OpenMP written in ATen's headers, so without it the rows run on one thread
-    return cpp_extension.load(name=f"llmkit_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], is_python_module=False)  # fmt: skip
+
+
+def clear_stale_lock(lock: Path) -> None:
+    """Wait while another process builds the library; remove the lock a killed build left (Ctrl-C, a timeout),
+    on which torch's own wait would last for ever."""
+    told = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            print(f"removed {lock}, left by a build of llmkit's C++ kernels that did not finish", file=sys.stderr)
+            return
+        if not told:
+            print(f"waiting for another process's build of llmkit's C++ kernels ({lock})", file=sys.stderr)
+            told = True
+        time.sleep(1)
 
 
 @functools.cache

@@ -10,6 +10,7 @@ float32 in some order: the textbook bound for any order is K 2**-24 sum_k |x[k] 
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -230,3 +231,22 @@ def test_none_keeps_inductors_loops():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "LLMKIT_CPU_KERNEL": "none"}).stdout  # fmt: skip
     assert out.startswith("False LLMKIT_CPU_KERNEL=none")
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path):
+    """torch's build lock outlives a build that was killed, and torch then waits on it for ever: a lock older than
+    a build takes is removed; a fresh one (another process building) is waited for until it goes."""
+    import threading
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    os.utime(lock, (0, time.time() - cpu_kernels.STALE_LOCK_S - 1))
+    cpu_kernels.clear_stale_lock(lock)
+    assert not lock.exists()
+    lock.touch()
+    timer = threading.Timer(1.5, lock.unlink)
+    timer.start()
+    start = time.monotonic()
+    cpu_kernels.clear_stale_lock(lock)
+    assert 1.4 <= time.monotonic() - start < cpu_kernels.STALE_LOCK_S and not lock.exists()
+    timer.join()
