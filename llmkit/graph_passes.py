@@ -120,10 +120,12 @@ def _float_weight(x, w) -> torch.fx.Node | None:
 
 @register_graph_pattern(CallFunction(aten.mm.default, Arg(), Arg()), pass_dict=_one_row_products)
 def _one_row_mm(match: Match, x, w) -> None:
-    if _is_one_row_on_cpu(x) and (weight := _float_weight(x, w)) is not None:
+    if not _is_one_row_on_cpu(x):
+        return
+    if (weight := _float_weight(x, w)) is not None:
         # four rows at a time, where inductor's loop sums one at a time (llmkit.cpu_kernels)
         match.replace_by_example(lambda x, w: torch.ops.llmkit_cpu.float_weight_mm(x, w), [x, weight])
-    elif _is_one_row_on_cpu(x):
+    else:
         x.meta["inductor_realize_to_strides"] = True  # computed once, not again inside every row's loop
         match.replace_by_example(lambda x, w: _matmul_of_one_row(x, w).to(x.dtype), [x, w])
 
