@@ -7,7 +7,7 @@ KV cache: preallocated buffers updated in place, so decoding is one token at a t
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -292,14 +292,20 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x))
 
-    def forward_blocks(self, blocks: Sequence[tuple[Tensor, Tensor]], cache_len: int | None = None) -> list[Tensor]:
+    def forward_blocks(
+        self,
+        blocks: Sequence[tuple[Tensor, Tensor]],
+        cache_len: int | None = None,
+        layer_step: Callable[..., Tensor] = TransformerBlock.forward_blocks,
+    ) -> list[Tensor]:
         """Logits [B_i, T_i, vocab] for blocks of (tokens, positions) [B_i, T_i] in one pass, block i in the
         cache rows after block i - 1's: a server's step, the running requests' next tokens [B, 1] with arriving
-        prompts [n, T]. The matrix products take every block's tokens at once, reading the weights once."""
+        prompts [n, T]. The matrix products take every block's tokens at once, reading the weights once.
+        `layer_step(layer, x, rows)` runs each layer (`compile_batched_prefill` passes one layer's compiled step)."""
         rows = [Rows(pos, *self.rope_and_mask(pos, cache_len)) for _, pos in blocks]
         x = self.tok_embeddings(torch.cat([tokens.flatten() for tokens, _ in blocks]))[None]
         for layer in self.layers:
-            x = layer.forward_blocks(x, rows)
+            x = layer_step(layer, x, rows)
         logits = self.output(self.norm(x))[0]
         sizes = [tokens.numel() for tokens, _ in blocks]
         return [part.view(*tokens.shape, -1) for part, (tokens, _) in zip(logits.split(sizes), blocks, strict=True)]
