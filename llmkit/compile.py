@@ -223,8 +223,7 @@ def compile_batched_prefill(llm: LLM) -> Callable[[list[tuple[Tensor, Tensor]], 
     tokens [B, 1], if any, then the prompts' [n, T], with their positions; the cache positions in use) on a GPU:
     graphs dynamic in B, n, T and the cache positions, where eager pays a kernel launch per operation whatever the
     prompts' size. One layer is compiled and every layer runs its graph, the weights being its inputs: a 32-layer
-    model compiles as fast as a one-layer one (the whole model as one graph took minutes per mix on a GPU), for a
-    few microseconds of Python per layer. Attention leaves out cuDNN's kernel, which builds a plan for each new
+    model compiles as fast as a one-layer one, for some microseconds of Python per layer. Attention leaves out cuDNN's kernel, which builds a plan for each new
     shape. Call after the engine has set up the cache (chapter 9 has the figures).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
