@@ -167,12 +167,13 @@ def decode_windows(max_seq_len: int) -> list[int]:
 
 def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, Tensor, int | None], Tensor]:
     """A serving engine's decode step (tokens and positions [B, 1], and the cache positions in use): one row
-    compiled as `compile`'s decode step (tuned, one-row products as loops). On a GPU more rows run as one graph
-    per cache window (`decode_windows`) whose batch size is dynamic, each of `batch_sizes` recorded from it as a
-    CUDA graph, as vLLM captures them, B rows padded to the next size and the positions in use rounded up to the
-    next window: a graph's shapes are fixed, and a step over the whole cache reads every row's keys and values at
-    every position. On a CPU more rows run eager, attending to the cache in use only: measured faster there than a
-    compiled batch over the whole cache (notebook 09). Call after the engine has set up the model's cache of
+    compiled as `compile`'s decode step (tuned, one-row products as loops). On a GPU more rows run one layer's
+    graph per cache window (`decode_windows`), whose batch size is dynamic, in every layer (a 32-layer model
+    compiles as one layer, as in `compile_batched_prefill`); each of `batch_sizes` is recorded as a CUDA graph of
+    the whole step, as vLLM captures them, B rows padded to the next size and the positions in use rounded up to
+    the next window: a graph's shapes are fixed, and a step over the whole cache reads every row's keys and values
+    at every position. On a CPU more rows run eager, attending to the cache in use only: measured faster there than
+    a compiled batch over the whole cache (notebook 09). Call after the engine has set up the model's cache of
     max_batch_size rows.
 
     A padding row decodes token 0 at position 0 of a cache row no request holds; a request that takes that row
@@ -183,18 +184,21 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
     # tuning is per graph and takes minutes on a GPU: it pays for the one-row step, whose products inductor
     # writes itself; a batch's products are cuBLAS matmuls in a dynamic graph
     one = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=_options(model, device))
-    many = torch.compile(own_copy(forward_rows), fullgraph=True, dynamic=False,
-                         options=_options(model, device, tune=False))  # fmt: skip
+    layer = torch.compile(own_copy(TransformerBlock.forward), fullgraph=True, dynamic=False,
+                          options=_options(model, device, tune=False))  # fmt: skip
+
+    def layer_rows(block: TransformerBlock, *inputs: Tensor) -> Tensor:  # x, cos, sin, mask, positions: [B, ...]
+        for t in inputs:  # dynamo would otherwise compile a graph per size
+            torch._dynamo.mark_dynamic(t, 0, min=2, max=max_batch_size)
+        return layer(block, *inputs)
+
     with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
         for size in tqdm(sizes if device.type == "cuda" else [1], desc="compiling the decode step", unit="batch size"):
             tokens = torch.zeros(size, 1, dtype=torch.long, device=device)
             positions = torch.zeros(size, 1, dtype=torch.long, device=device)
-            if size > 1:  # dynamo would otherwise compile a graph per size
-                for t in (tokens, positions):
-                    torch._dynamo.mark_dynamic(t, 0, min=2, max=max_batch_size)
             # one row attends to the whole cache: its tuned graph is compiled once, and its reads are the weights'
             for window in windows if size > 1 else [None]:
-                fn = partial(one, model) if size == 1 else partial(many, model, cache_len=window)
+                fn = partial(one, model) if size == 1 else partial(model, cache_len=window, layer_step=layer_rows)
                 for _ in range(2):  # compile and tune, then run once more
                     fn(tokens, positions)
                 if device.type == "cuda":
@@ -214,17 +218,14 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
     return decode
 
 
-def forward_rows(model: Transformer, tokens: Tensor, positions: Tensor, cache_len: int) -> Tensor:
-    return model(tokens, positions, cache_len=cache_len)
-
-
 def compile_batched_prefill(llm: LLM) -> Callable[[list[tuple[Tensor, Tensor]], int], list[Tensor]]:
     """A serving engine's step that prefills arriving prompts (`Transformer.forward_blocks`: the running rows'
     tokens [B, 1], if any, then the prompts' [n, T], with their positions; the cache positions in use) on a GPU:
     graphs dynamic in B, n, T and the cache positions, where eager pays a kernel launch per operation whatever the
     prompts' size. One layer is compiled and every layer runs its graph, the weights being its inputs: a 32-layer
-    model compiles as fast as a one-layer one, for some microseconds of Python per layer. Attention leaves out cuDNN's kernel, which builds a plan for each new
-    shape. Call after the engine has set up the cache (chapter 9 has the figures).
+    model compiles as fast as a one-layer one, for some microseconds of Python per layer. Attention leaves out
+    cuDNN's kernel, which builds a plan for each new shape. Call after the engine has set up the cache (chapter 9
+    has the figures).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -271,7 +271,8 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.setup_buffers()
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache_len: int | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache_len: int | None = None,
+                layer_step: Callable[..., Tensor] | None = None) -> Tensor:  # fmt: skip
         """Logits [B, T, vocab] for tokens [B, T].
 
         With `input_pos` (a LongTensor) keys and values go into the KV cache and each token attends to
@@ -281,6 +282,8 @@ class Transformer(nn.Module):
         Without it the sequence is scored on its own, causally, with no cache (training, perplexity).
         `cache_len` (above every position in `input_pos`) has the tokens attend to the cache's first positions
         only, not all max_seq_len of them: a server's requests use a small part of the context.
+        `layer_step(layer, x, cos, sin, mask, input_pos)`, if given, runs each layer (`compile_batched_decode`'s
+        compiled layer).
         """
         T = tokens.shape[1]
         if input_pos is None:
@@ -289,7 +292,8 @@ class Transformer(nn.Module):
             cos, sin, mask = self.rope_and_mask(input_pos, cache_len)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos) if layer_step is None else layer_step(layer, x, cos, sin, mask,
+                                                                                             input_pos)  # fmt: skip
         return self.output(self.norm(x))
 
     def forward_blocks(
