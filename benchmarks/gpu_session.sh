@@ -14,7 +14,7 @@ if has tests; then
   timeout 100 python3 -m pytest -q tests/test_kernels.py -x 2>&1 | tail -30 > $OUT/tests.log
   tail -5 $OUT/tests.log
 fi
-if has gputests; then  # the model, kernels and serving on the GPU (the prefill compiles six graphs)
+if has gputests; then  # the model, kernels and serving on the GPU (the prefill compiles six one-layer graphs)
   timeout 500 python3 -m pytest -q -rs --durations=8 tests/test_gpu.py 2>&1 | tail -30 > $OUT/gputests.log
   tail -8 $OUT/gputests.log
 fi

@@ -184,14 +184,7 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
     # tuning is per graph and takes minutes on a GPU: it pays for the one-row step, whose products inductor
     # writes itself; a batch's products are cuBLAS matmuls in a dynamic graph
     one = torch.compile(own_copy(decode_one_token), fullgraph=True, dynamic=False, options=_options(model, device))
-    layer = torch.compile(own_copy(TransformerBlock.forward), fullgraph=True, dynamic=False,
-                          options=_options(model, device, tune=False))  # fmt: skip
-
-    def layer_rows(block: TransformerBlock, *inputs: Tensor) -> Tensor:  # x, cos, sin, mask, positions: [B, ...]
-        for t in inputs:  # dynamo would otherwise compile a graph per size
-            torch._dynamo.mark_dynamic(t, 0, min=2, max=max_batch_size)
-        return layer(block, *inputs)
-
+    layer_rows = compile_layer_rows(model, device, max_batch_size)
     with torch.inference_mode(), _tuner_times_kernels_alone(device), short_loads_in_one_instruction():
         for size in tqdm(sizes if device.type == "cuda" else [1], desc="compiling the decode step", unit="batch size"):
             tokens = torch.zeros(size, 1, dtype=torch.long, device=device)
@@ -216,6 +209,20 @@ def compile_batched_decode(llm: LLM, max_batch_size: int) -> Callable[[Tensor, T
         return graphs[size, window](tokens, positions)[:rows]
 
     return decode
+
+
+def compile_layer_rows(model: Transformer, device: torch.device, max_batch_size: int) -> Callable[..., Tensor]:
+    """`Transformer.forward`'s layer_step for a batch of 2 to max_batch_size one-token rows: one layer compiled
+    with the batch size dynamic (a graph per cache window), which every layer runs, its weights as inputs."""
+    layer = torch.compile(own_copy(TransformerBlock.forward), fullgraph=True, dynamic=False,
+                          options=_options(model, device, tune=False))  # fmt: skip
+
+    def layer_rows(block: TransformerBlock, *inputs: Tensor) -> Tensor:  # x, cos, sin, mask, positions: [B, ...]
+        for t in inputs:  # dynamo would otherwise compile a graph per size
+            torch._dynamo.mark_dynamic(t, 0, min=2, max=max_batch_size)
+        return layer(block, *inputs)
+
+    return layer_rows
 
 
 def compile_batched_prefill(llm: LLM) -> Callable[[list[tuple[Tensor, Tensor]], int], list[Tensor]]:

@@ -116,6 +116,26 @@ def test_the_compiled_step_gives_the_eager_tokens(tiny_folder, engine):
     assert [r.tokens for r in requests] == [a.tokens for a in alone]
 
 
+def test_the_gpus_batch_graphs_compile_one_layer_per_window(make_model):
+    """The GPU's batched decode (`compile_layer_rows`), here on the CPU: one graph per cache window whatever the
+    batch size and however many layers, each step's logits within float32 rounding of eager's."""
+    from llmkit.compile import compile_layer_rows
+
+    model = make_model()
+    model.setup_buffers(4)
+    layer_rows, g = compile_layer_rows(model, torch.device("cpu"), 4), torch.Generator().manual_seed(5)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        model(torch.randint(0, model.args.vocab_size, (4, 10), generator=g), torch.arange(10))
+        for rows, window, compiled in [(2, 16, 1), (4, 16, 1), (3, 16, 1), (4, 32, 2), (2, 32, 2)]:
+            tokens = torch.randint(0, model.args.vocab_size, (rows, 1), generator=g)
+            positions = torch.arange(10, 10 + rows)[:, None]
+            got = model(tokens, positions, cache_len=window, layer_step=layer_rows)
+            torch.testing.assert_close(got, model(tokens, positions, cache_len=window), rtol=1e-4, atol=1e-4)
+            assert counters["stats"]["unique_graphs"] - graphs == compiled
+    assert model.args.n_layers > 1
+
+
 def test_the_compiled_prefill_gives_the_eager_logits_and_tokens(tiny_folder, engine, monkeypatch):
     """`serve --compile` on a GPU compiles the prefill too (dynamic in running rows, prompts, length and cache
     window); the same graphs on the CPU: logits within float32 rounding of eager's for one prompt and several, a
