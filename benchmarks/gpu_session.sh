@@ -4,6 +4,7 @@
 # compiled speculative pair (#28).
 # Usage (on the GPU machine, from the repository root): bash benchmarks/gpu_session.sh STAGES OUT
 # STAGES: comma-separated of tests,gputests,spectests,sweep,gemv,aoti,bench,serve,attn,spec
+# (GPUTESTS_K: a pytest -k expression for gputests; SERVE_SHAPES, SERVE_COMPILE and *_END: see their stages)
 set -u
 STAGES=$1; OUT=$2
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -15,7 +16,8 @@ if has tests; then
   tail -5 $OUT/tests.log
 fi
 if has gputests; then  # the model, kernels and serving on the GPU (the prefill compiles six one-layer graphs)
-  timeout 500 python3 -m pytest -q -rs --durations=8 tests/test_gpu.py 2>&1 | tail -30 > $OUT/gputests.log
+  timeout $((${GPUTESTS_END:-500} - SECONDS)) python3 -m pytest -q -rs --durations=8 tests/test_gpu.py ${GPUTESTS_K:+-k "$GPUTESTS_K"} \
+    2>&1 | tail -30 > $OUT/gputests.log
   tail -8 $OUT/gputests.log
 fi
 if has spectests; then  # speculative decoding on the GPU, eager and compiled (~200 s)
