@@ -282,7 +282,7 @@ class Transformer(nn.Module):
         Without it the sequence is scored on its own, causally, with no cache (training, perplexity).
         `cache_len` (above every position in `input_pos`) has the tokens attend to the cache's first positions
         only, not all max_seq_len of them: a server's requests use a small part of the context.
-        `layer_step(layer, x, cos, sin, mask, input_pos)`, if given, runs each layer (`compile_batched_decode`'s
+        `layer_step(layer, x, cos, sin, mask, input_pos)`, if given, runs each layer (`compile_layer_rows`'s
         compiled layer).
         """
         T = tokens.shape[1]
