@@ -23,6 +23,7 @@ from llmkit.cpu_codegen import short_loads_in_one_instruction
 from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM
 from llmkit.graph_passes import OneRowProductsAsLoops
+from llmkit.huge_pages import collapsing_new_memory
 
 FORMAT_VERSION = "3"  # bump when the package layout or metadata changes; 2: prefill and decode; 3: decode window
 AOTI_MODELS = ("prefill", "decode")
@@ -116,7 +117,8 @@ def load_aoti(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     check_zip(path)
     load_op_library(path)
     try:
-        runners = {name: load_package(str(path), name) for name in AOTI_MODELS}
+        with collapsing_new_memory():  # the constants the runtime copies out of each model
+            runners = {name: load_package(str(path), name) for name in AOTI_MODELS}
         meta = runners["decode"].get_metadata()
     except Exception as e:  # a damaged zip, an older layout or another build surface as many types
         raise LLMKitError(

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from llmkit.artifacts import check_targets, load_checked_tokenizer, package_metadata, write_with_tokenizer
 from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM, Stats
+from llmkit.huge_pages import collapsing_new_memory
 from llmkit.model import Attention, ModelArgs, RMSNorm, Transformer
 from llmkit.tokenizer import Tokenizer
 
@@ -345,12 +346,13 @@ def load_pte(path: str | Path, tokenizer: str | Path | None = None) -> LLM:
     take the start position alone and return the last position's logits, which the step adapts.
     """
     path = Path(path)
-    program, meta = check_pte(path)
-    tok, llmkit_meta = pte_tokenizer(path, meta, tokenizer)
-    try:
-        method = program.load_method("forward")
-    except RuntimeError as e:
-        raise damaged_pte(path, e) from None
+    with collapsing_new_memory():  # the program, and the weights XNNPACK packs from it
+        program, meta = check_pte(path)
+        tok, llmkit_meta = pte_tokenizer(path, meta, tokenizer)
+        try:
+            method = program.load_method("forward")
+        except RuntimeError as e:
+            raise damaged_pte(path, e) from None
     start_only = tuple(method.metadata.input_tensor_meta(1).sizes()) == (1,)
 
     def step(tokens: Tensor, input_pos: Tensor) -> Tensor:

@@ -1,0 +1,47 @@
+"""llmkit.huge_pages: memory mapped while loading ends up on 2 MB pages, as the kernel's own accounting shows."""
+
+import sys
+
+import pytest
+import torch
+
+from llmkit.huge_pages import HUGE, collapse, collapsing_new_memory
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+
+
+def huge_bytes(ptr: int) -> int:
+    """AnonHugePages of the mapping holding address ptr (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                inside = start <= ptr < end
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1]) * 1024
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+def kernel_collapses() -> bool:
+    probe = torch.ones(4 * HUGE // 4)  # private anonymous memory, as a model's weights are
+    return collapse(probe.data_ptr(), probe.data_ptr() + probe.nbytes)[1]
+
+
+def test_memory_mapped_in_the_block_is_collapsed_into_huge_pages(monkeypatch):
+    monkeypatch.delenv("LLMKIT_HUGE_PAGES", raising=False)
+    if not kernel_collapses():
+        pytest.skip("this kernel does not collapse memory (MADV_COLLAPSE needs Linux 6.1, THP not 'never')")
+    with collapsing_new_memory() as done:
+        weights = torch.ones(16 * HUGE // 4)  # 32 MB: a mapping of its own
+    assert done.bytes >= 14 * HUGE
+    assert huge_bytes(weights.data_ptr()) >= 14 * HUGE  # all but the partial 2 MB pages at its ends
+    assert weights.sum().item() == weights.numel()  # the same values, now on other pages
+
+
+def test_the_switch_leaves_memory_as_it_is(monkeypatch):
+    monkeypatch.setenv("LLMKIT_HUGE_PAGES", "0")
+    with collapsing_new_memory() as done:
+        weights = torch.ones(16 * HUGE // 4)
+    assert done.bytes == 0 and weights.sum().item() == weights.numel()
