@@ -61,8 +61,8 @@ def collapsing_new_memory() -> Iterator[Collapsed]:
     before = anonymous_regions()
     yield done
     for start, end in anonymous_regions().items():
-        if before.get(start) != end:  # new, or grown (the heap)
-            span, ok = collapse(start, end)
+        if before.get(start, start) < end:  # new, or grown (the heap: its new part, and the 2 MB page it starts in)
+            span, ok = collapse(max(start, before.get(start, start) // HUGE * HUGE), end)
             if ok:
                 done.bytes += span
             else:
