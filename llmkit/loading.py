@@ -8,7 +8,7 @@ from llmkit.devices import resolve_device, resolve_dtype
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM
 from llmkit.gguf import load_gguf
-from llmkit.huge_pages import collapsing_new_memory
+from llmkit.huge_pages import collapsing_new_memory, own_memory
 from llmkit.tokenizer import find_tokenizer, load_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # what the kit ships: its model, benchmark results
@@ -55,6 +55,7 @@ def load(
             )
         model = model.to(device=torch_device, dtype=torch_dtype)
         model.setup_buffers()
+        own_memory(model)
     llm = LLM(model, tok, name=path.stem if path.is_file() else path.name)
     if gguf_blocks:
         llm.scheme = GGUF_SCHEME

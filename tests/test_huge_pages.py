@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from llmkit.huge_pages import HUGE, collapse, collapsing_new_memory
+from llmkit.huge_pages import HUGE, collapse, collapsing_new_memory, file_regions, own_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
 
@@ -45,3 +45,17 @@ def test_the_switch_leaves_memory_as_it_is(monkeypatch):
     with collapsing_new_memory() as done:
         weights = torch.ones(16 * HUGE // 4)
     assert done.bytes == 0 and weights.sum().item() == weights.numel()
+
+
+def test_weights_mapped_from_a_file_are_copied_into_memory_of_their_own(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.delenv("LLMKIT_HUGE_PAGES", raising=False)
+    save_file({"weight": torch.randn(512, 1024)}, tmp_path / "w.safetensors")
+    layer = torch.nn.Linear(1024, 512, bias=False)
+    layer.weight = torch.nn.Parameter(load_file(tmp_path / "w.safetensors")["weight"], requires_grad=False)
+    in_file = lambda: any(s <= layer.weight.data_ptr() < e for s, e in file_regions())  # noqa: E731
+    assert in_file(), "safetensors no longer maps its tensors from the file: this test needs another source"
+    expected = layer.weight.clone()
+    assert own_memory(layer) == 512 * 1024 * 4
+    assert not in_file() and torch.equal(layer.weight, expected)
