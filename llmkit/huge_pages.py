@@ -2,7 +2,7 @@
 
 A CPU decode step reads every weight once. With 4 KB pages each page read costs a TLB miss, and in a virtual
 machine (nested paging) a miss walks two page tables: on the VM this kit is measured on, stories15M's float32
-matrices streamed about twice as fast from 2 MB pages as from 4 KB ones (data/benchmarks/runc/). The kernel
+decode step ran up to 1.4x as fast with its weights on 2 MB pages (data/benchmarks/runc/). The kernel
 backs anonymous memory with 2 MB pages only where a program asks (`transparent_hugepage=madvise`, a common
 default), so the loaders ask: `MADV_COLLAPSE` (Linux 6.1) moves the private anonymous memory a load mapped onto
 huge pages, once, in about a second per GB; weights mapped from a file (a safetensors checkpoint, in the page
@@ -31,21 +31,34 @@ class Collapsed:
     refused: int = 0
 
 
-def file_regions() -> list[tuple[int, int]]:
-    """(start, end) of this process's mappings of files."""
-    regions = []
+def enabled() -> bool:
+    return sys.platform.startswith("linux") and os.environ.get("LLMKIT_HUGE_PAGES") != "0"
+
+
+def mappings() -> Iterator[tuple[int, int, str, str]]:
+    """(start, end, permissions, path) of each of this process's memory mappings."""
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
-            if len(fields) > 5 and fields[5].startswith("/"):
-                regions.append(tuple(int(v, 16) for v in fields[0].split("-")))
-    return regions
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            yield start, end, fields[1], fields[5] if len(fields) > 5 else ""
+
+
+def file_regions() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of files."""
+    return [(start, end) for start, end, _, path in mappings() if path.startswith("/")]
+
+
+def anonymous_regions() -> dict[int, int]:
+    """Start -> end of this process's private writable anonymous mappings (the heap among them)."""
+    return {start: end for start, end, perms, path in mappings()
+            if perms.startswith("rw") and perms.endswith("p") and path in ("", "[heap]")}  # fmt: skip
 
 
 def own_memory(module: torch.nn.Module) -> int:
     """Copy the module's CPU weights that are mapped from a file into memory of their own (inside
     `collapsing_new_memory`, onto 2 MB pages); the bytes copied. A no-op with LLMKIT_HUGE_PAGES=0."""
-    if not sys.platform.startswith("linux") or os.environ.get("LLMKIT_HUGE_PAGES") == "0":
+    if not enabled():
         return 0
     files, copied = file_regions(), 0
     with torch.no_grad():
@@ -56,19 +69,6 @@ def own_memory(module: torch.nn.Module) -> int:
                     t.data = t.data.clone()
                     copied += t.nbytes
     return copied
-
-
-def anonymous_regions() -> dict[int, int]:
-    """Start -> end of this process's private writable anonymous mappings (the heap among them)."""
-    regions = {}
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            path = fields[5] if len(fields) > 5 else ""
-            if fields[1].startswith("rw") and fields[1].endswith("p") and path in ("", "[heap]"):
-                start, end = (int(v, 16) for v in fields[0].split("-"))
-                regions[start] = end
-    return regions
 
 
 def collapse(start: int, end: int) -> tuple[int, bool]:
@@ -85,7 +85,7 @@ def collapse(start: int, end: int) -> tuple[int, bool]:
 def collapsing_new_memory() -> Iterator[Collapsed]:
     """Collapse into 2 MB pages the anonymous memory mapped, or grown, while the block runs (a model's load)."""
     done = Collapsed()
-    if not sys.platform.startswith("linux") or os.environ.get("LLMKIT_HUGE_PAGES") == "0":
+    if not enabled():
         yield done
         return
     before = anonymous_regions()
