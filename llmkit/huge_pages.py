@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 HUGE = 2 << 20
 MADV_COLLAPSE = 25  # linux/mman.h
@@ -69,6 +70,42 @@ def own_memory(module: torch.nn.Module) -> int:
                     t.data = t.data.clone()
                     copied += t.nbytes
     return copied
+
+
+def plain_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors holding t's data: t itself, or a tensor subclass's (torchao's) inner tensors."""
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from plain_tensors(getattr(t, name))
+    else:
+        yield t
+
+
+def collapse_weights(module: torch.nn.Module) -> Collapsed:
+    """Collapse into 2 MB pages the anonymous memory holding the module's CPU weights (each weight's 2 MB pages,
+    wherever malloc put it: in a mapping of its own or in the heap)."""
+    done = Collapsed()
+    if not enabled():
+        return done
+    regions = sorted(anonymous_regions().items())
+    spans = []
+    for weight in [*module.parameters(), *module.buffers()]:
+        for t in plain_tensors(weight):
+            ptr = t.data_ptr()
+            region = next(((start, end) for start, end in regions if start <= ptr < end), None)
+            if t.device.type == "cpu" and t.numel() and region is not None:  # its 2 MB pages, within the mapping
+                end = -(-(ptr + t.numel() * t.element_size()) // HUGE) * HUGE
+                spans.append([max(region[0], ptr // HUGE * HUGE), min(region[1], end)])
+    merged = []
+    for span in sorted(spans):
+        if merged and span[0] <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], span[1])
+        else:
+            merged.append(span)
+    for start, end in merged:
+        span, ok = collapse(start, end)
+        done.bytes, done.refused = done.bytes + span * ok, done.refused + span * (not ok)
+    return done
 
 
 def collapse(start: int, end: int) -> tuple[int, bool]:

@@ -1,6 +1,5 @@
 """From a checkpoint on disk to a ready `LLM`: the model, its tokenizer, the device and dtype."""
 
-import contextlib
 from pathlib import Path
 
 from llmkit.checkpoint import load_checkpoint
@@ -8,7 +7,7 @@ from llmkit.devices import resolve_device, resolve_dtype
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM
 from llmkit.gguf import load_gguf
-from llmkit.huge_pages import collapsing_new_memory, own_memory
+from llmkit.huge_pages import collapse_weights, own_memory
 from llmkit.tokenizer import find_tokenizer, load_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # what the kit ships: its model, benchmark results
@@ -36,26 +35,26 @@ def load(
     path = DEFAULT_MODEL if str(checkpoint) == "default" else Path(checkpoint)
     if gguf_blocks and path.suffix != ".gguf":
         raise LLMKitError(f"--quantize {GGUF_SCHEME} keeps a .gguf file's own blocks, and {path} is not one")
-    # a CPU step reads every weight: on 2 MB pages they stream faster (llmkit.huge_pages)
-    with collapsing_new_memory() if torch_device.type == "cpu" else contextlib.nullcontext():
-        if path.suffix == ".gguf":  # the file holds its tokenizer too
-            model, tok = load_gguf(path, max_seq_len, gguf_blocks)
-            tok = tok if tokenizer is None or Path(tokenizer) == path else load_tokenizer(tokenizer)
-        else:
-            model = load_checkpoint(path, max_seq_len=max_seq_len)
+    if path.suffix == ".gguf":  # the file holds its tokenizer too
+        model, tok = load_gguf(path, max_seq_len, gguf_blocks)
+        tok = tok if tokenizer is None or Path(tokenizer) == path else load_tokenizer(tokenizer)
+    else:
+        model = load_checkpoint(path, max_seq_len=max_seq_len)
+        if tokenizer is None:
+            tokenizer = find_tokenizer(path if path.is_dir() else path.parent)
             if tokenizer is None:
-                tokenizer = find_tokenizer(path if path.is_dir() else path.parent)
-                if tokenizer is None:
-                    raise LLMKitError(f"no tokenizer found beside {path}; pass --tokenizer-path")
-            tok = load_tokenizer(tokenizer)
-        if tok.vocab_size > model.args.vocab_size:
-            raise LLMKitError(
-                f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model knows {model.args.vocab_size}: "
-                "it is not this model's tokenizer; pass the right --tokenizer-path"
-            )
-        model = model.to(device=torch_device, dtype=torch_dtype)
-        model.setup_buffers()
+                raise LLMKitError(f"no tokenizer found beside {path}; pass --tokenizer-path")
+        tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > model.args.vocab_size:
+        raise LLMKitError(
+            f"the tokenizer {tok.path} has {tok.vocab_size} tokens but the model knows {model.args.vocab_size}: "
+            "it is not this model's tokenizer; pass the right --tokenizer-path"
+        )
+    model = model.to(device=torch_device, dtype=torch_dtype)
+    model.setup_buffers()
+    if torch_device.type == "cpu":  # a CPU step reads every weight: on 2 MB pages they stream faster
         own_memory(model)
+        collapse_weights(model)
     llm = LLM(model, tok, name=path.stem if path.is_file() else path.name)
     if gguf_blocks:
         llm.scheme = GGUF_SCHEME

@@ -25,7 +25,6 @@ linear:int8/int4 take `"kernel"`: "auto" (torchao's, for now), "torchao" or "llm
 (`llmkit.quantized_linear`, per-row int8, int4 g 32/64/128): `'{"linear:int8": {"groupsize": 0, "kernel": "llmkit"}}'`.
 """
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -45,7 +44,7 @@ from llmkit.devices import DTYPES, resolve_device
 from llmkit.distributed import QUANTIZE_LIMITATION, split_over_devices
 from llmkit.errors import LLMKitError
 from llmkit.generate import LLM
-from llmkit.huge_pages import collapsing_new_memory
+from llmkit.huge_pages import collapse_weights
 from llmkit.model import Transformer
 
 
@@ -337,20 +336,20 @@ def quantize(llm: LLM, scheme: str | Path, device: str | None = None) -> LLM:
         if not ours:
             _config(step, target, dtype, text, width)
     old = (llm.device, model.tok_embeddings.weight.dtype)
-    # the quantized weights are new memory: on the CPU, on 2 MB pages (llmkit.huge_pages)
-    with collapsing_new_memory() if target.type == "cpu" else contextlib.nullcontext():
-        model.to(device=target, dtype=dtype)
-        for step in steps:
-            if step.key == "precision":
-                continue
-            _untie(model)
-            if step.key in ("linear:int8", "linear:int4") and _kernel(step, target, text) == "llmkit":
-                from llmkit.quantized_linear import use_kernels
+    model.to(device=target, dtype=dtype)
+    for step in steps:
+        if step.key == "precision":
+            continue
+        _untie(model)
+        if step.key in ("linear:int8", "linear:int4") and _kernel(step, target, text) == "llmkit":
+            from llmkit.quantized_linear import use_kernels
 
-                use_kernels(model, 8 if step.key == "linear:int8" else 4, step.params["groupsize"])
-                continue
-            kind = nn.Embedding if step.key == "embedding" else nn.Linear
-            quantize_(model, _config(step, target, dtype, text), filter_fn=lambda m, _, kind=kind: isinstance(m, kind))
+            use_kernels(model, 8 if step.key == "linear:int8" else 4, step.params["groupsize"])
+            continue
+        kind = nn.Embedding if step.key == "embedding" else nn.Linear
+        quantize_(model, _config(step, target, dtype, text), filter_fn=lambda m, _, kind=kind: isinstance(m, kind))
+    if target.type == "cpu":  # the quantized weights are new memory: onto 2 MB pages (llmkit.huge_pages)
+        collapse_weights(model)
     if (target, dtype) != old:
         model.setup_buffers()
     llm.device, llm.step, llm.scheme = target, model, scheme_text(steps)

@@ -1,11 +1,13 @@
 """llmkit.huge_pages: memory mapped while loading ends up on 2 MB pages, as the kernel's own accounting shows."""
 
+import ctypes
+import mmap
 import sys
 
 import pytest
 import torch
 
-from llmkit.huge_pages import HUGE, collapse, collapsing_new_memory, file_regions, own_memory
+from llmkit.huge_pages import HUGE, collapse, collapse_weights, collapsing_new_memory, file_regions, own_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
 
@@ -29,22 +31,36 @@ def kernel_collapses() -> bool:
     return collapse(probe.data_ptr(), probe.data_ptr() + probe.nbytes)[1]
 
 
-def test_memory_mapped_in_the_block_is_collapsed_into_huge_pages(monkeypatch):
+@pytest.fixture
+def collapsing(monkeypatch):
     monkeypatch.delenv("LLMKIT_HUGE_PAGES", raising=False)
     if not kernel_collapses():
         pytest.skip("this kernel does not collapse memory (MADV_COLLAPSE needs Linux 6.1, THP not 'never')")
-    with collapsing_new_memory() as done:
-        weights = torch.ones(32 * HUGE // 4)  # 64 MB, above malloc's largest mmap threshold: a mapping of its own
+
+
+def test_a_modules_weights_are_collapsed_into_huge_pages_wherever_malloc_put_them(collapsing):
+    layer = torch.nn.Linear(4096, 4096, bias=False)  # 64 MB
+    done = collapse_weights(layer)
     assert done.bytes >= 30 * HUGE
-    assert huge_bytes(weights.data_ptr()) >= 30 * HUGE  # all but the partial 2 MB pages at its ends
-    assert weights.sum().item() == weights.numel()  # the same values, now on other pages
+    assert huge_bytes(layer.weight.data_ptr()) >= 30 * HUGE  # all but the partial 2 MB pages at its ends
+    assert torch.equal(layer.weight, layer.weight.detach().clone())
+
+
+def test_memory_mapped_in_the_block_is_collapsed_into_huge_pages(collapsing):
+    with collapsing_new_memory() as done:  # as a runtime's own allocation (an AOTI package's constants)
+        memory = mmap.mmap(-1, 32 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory.write(b"x" * len(memory))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    assert done.bytes >= 30 * HUGE and huge_bytes(address) >= 30 * HUGE
+    assert memory[:3] == b"xxx" and memory[-1:] == b"x"
 
 
 def test_the_switch_leaves_memory_as_it_is(monkeypatch):
     monkeypatch.setenv("LLMKIT_HUGE_PAGES", "0")
+    layer = torch.nn.Linear(4096, 4096, bias=False)
     with collapsing_new_memory() as done:
         weights = torch.ones(32 * HUGE // 4)
-    assert done.bytes == 0 and weights.sum().item() == weights.numel()
+    assert done.bytes == 0 and collapse_weights(layer).bytes == 0 and weights.sum().item() == weights.numel()
 
 
 def test_weights_mapped_from_a_file_are_copied_into_memory_of_their_own(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmkit"
 MAX_LINES = 450
 # The layers of README.md's Layout section, bottom first: a module imports only from its own layer or below.
 LAYERS = [
-    {"errors", "files", "devices", "version"},
+    {"errors", "files", "devices", "version", "huge_pages"},
     {"model", "tokenizer", "float_formats", "scaled_formats", "ggml_blocks", "numerics", "data"},
     {"checkpoint", "gguf", "sampling", "generate", "loading", "engine", "speculative"},
     {"quantize", "quantized_files", "kernels", "quantized_linear", "cpu_kernels", "evaluate", "chat", "hub",
