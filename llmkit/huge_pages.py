@@ -12,6 +12,7 @@ memory alone (to measure the difference).
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -26,10 +27,17 @@ MADV_COLLAPSE = 25  # linux/mman.h
 
 @dataclass
 class Collapsed:
-    """What `collapsing_new_memory` did: bytes now on 2 MB pages, bytes the kernel would not collapse."""
+    """What a collapse did: bytes now on 2 MB pages, bytes the kernel would not collapse."""
 
     bytes: int = 0
     refused: int = 0
+
+    def add(self, start: int, end: int) -> None:
+        span, ok = collapse(start, end)
+        if ok:
+            self.bytes += span
+        else:
+            self.refused += span
 
 
 def enabled() -> bool:
@@ -57,8 +65,8 @@ def anonymous_regions() -> dict[int, int]:
 
 
 def own_memory(module: torch.nn.Module) -> int:
-    """Copy the module's CPU weights that are mapped from a file into memory of their own (inside
-    `collapsing_new_memory`, onto 2 MB pages); the bytes copied. A no-op with LLMKIT_HUGE_PAGES=0."""
+    """Copy the module's CPU weights that are mapped from a file into memory of their own (which
+    `collapse_weights` can then put on 2 MB pages); the bytes copied. A no-op with LLMKIT_HUGE_PAGES=0."""
     if not enabled():
         return 0
     files, copied = file_regions(), 0
@@ -91,11 +99,12 @@ def collapse_weights(module: torch.nn.Module) -> Collapsed:
     spans = []
     for weight in [*module.parameters(), *module.buffers()]:
         for t in plain_tensors(weight):
+            if t.device.type != "cpu" or not t.numel():
+                continue
             ptr = t.data_ptr()
             region = next(((start, end) for start, end in regions if start <= ptr < end), None)
-            if t.device.type == "cpu" and t.numel() and region is not None:  # its 2 MB pages, within the mapping
-                end = -(-(ptr + t.numel() * t.element_size()) // HUGE) * HUGE
-                spans.append([max(region[0], ptr // HUGE * HUGE), min(region[1], end)])
+            if region is not None:  # its 2 MB pages, within the mapping
+                spans.append([max(region[0], ptr // HUGE * HUGE), min(region[1], -(-(ptr + t.nbytes) // HUGE) * HUGE)])
     merged = []
     for span in sorted(spans):
         if merged and span[0] <= merged[-1][1]:
@@ -103,9 +112,15 @@ def collapse_weights(module: torch.nn.Module) -> Collapsed:
         else:
             merged.append(span)
     for start, end in merged:
-        span, ok = collapse(start, end)
-        done.bytes, done.refused = done.bytes + span * ok, done.refused + span * (not ok)
+        done.add(start, end)
     return done
+
+
+@functools.cache
+def _madvise() -> ctypes._CFuncPtr:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 def collapse(start: int, end: int) -> tuple[int, bool]:
@@ -113,9 +128,7 @@ def collapse(start: int, end: int) -> tuple[int, bool]:
     first, last = -(-start // HUGE) * HUGE, end // HUGE * HUGE
     if last <= first:
         return 0, True
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return last - first, libc.madvise(first, last - first, MADV_COLLAPSE) == 0
+    return last - first, _madvise()(first, last - first, MADV_COLLAPSE) == 0
 
 
 @contextlib.contextmanager
@@ -129,8 +142,4 @@ def collapsing_new_memory() -> Iterator[Collapsed]:
     yield done
     for start, end in anonymous_regions().items():
         if before.get(start, start) < end:  # new, or grown (the heap: its new part, and the 2 MB page it starts in)
-            span, ok = collapse(max(start, before.get(start, start) // HUGE * HUGE), end)
-            if ok:
-                done.bytes += span
-            else:
-                done.refused += span
+            done.add(max(start, before.get(start, start) // HUGE * HUGE), end)
