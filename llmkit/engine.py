@@ -26,7 +26,7 @@ from torch import Tensor
 
 from llmkit.errors import LLMKitError, first_line
 from llmkit.generate import LLM, StreamDecoder
-from llmkit.sampling import check_finite, check_sampling, sample
+from llmkit.sampling import argmax, check_finite, check_sampling, sample
 
 CACHE_BLOCK = 256  # steps attend to the cache's first positions in use, rounded up to a multiple of this
 PREFILL_TOKENS = 4096  # a step prefills arriving prompts together up to this many positions (padded), or one
@@ -224,10 +224,10 @@ class Engine:
     def _next_tokens(self, logits: Tensor) -> list[int]:
         """The active rows' next tokens from their logits [B, 1, vocab]; each row's position moves on."""
         logits = logits[:, -1, : self.llm.tokenizer.vocab_size]  # ids past the tokenizer's have no text
-        # checked and argmax-ed on the device for every row at once (on a CPU, one row of a 128k vocabulary takes
-        # a millisecond); only rows that draw at a temperature are copied out, for their requests' generators
+        # checked and argmax-ed for every row at once, on the device (one row of a 128k vocabulary copied to a CPU
+        # takes a millisecond); only rows that draw at a temperature are copied out, for their requests' generators
         check_finite(logits)
-        greedy = logits.argmax(-1).tolist()
+        greedy = argmax(logits)
         drawn = [i for i, r in enumerate(self.active) if r.temperature > 0]
         rows = dict(zip(drawn, logits[drawn].cpu(), strict=True)) if drawn else {}
         for i in range(len(self.active)):

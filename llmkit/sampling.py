@@ -74,10 +74,11 @@ def _as_numpy(logits: Tensor) -> np.ndarray | None:
     return logits.numpy() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
 
 
-def argmax(logits: Tensor) -> int:
-    """The index of the largest entry of one row (the first of equals)."""
-    row = _as_numpy(logits)
-    return int(np.argmax(row)) if row is not None else int(logits.argmax())
+def argmax(logits: Tensor) -> int | list[int]:
+    """The index of the largest entry along the last axis (the first of equals): an int for one row, a list for
+    a batch of rows [B, vocab]."""
+    rows = _as_numpy(logits)
+    return (np.argmax(rows, axis=-1) if rows is not None else logits.argmax(-1)).tolist()
 
 
 BROKEN_LOGITS = ("the model's logits hold NaN or infinity: its weights are broken (or overflow this dtype); "

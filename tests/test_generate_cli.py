@@ -58,8 +58,9 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_pick_and_finite_check_are_atens(dtype):
-    """On the CPU a float32 row goes through numpy (faster): the same index as ATen's argmax, the first of equals
-    included, and the same verdict on nan, inf and -inf as torch.isfinite; a bfloat16 row stays with ATen."""
+    """On the CPU float32 rows go through numpy (faster): the same index as ATen's argmax, the first of equals
+    included, for one row or a batch, and the same verdict on nan, inf and -inf as torch.isfinite; bfloat16 rows
+    stay with ATen."""
     g = torch.Generator().manual_seed(0)
     for n in (1, 7, 32000):
         row = torch.randn(n, generator=g).to(dtype)
@@ -72,6 +73,11 @@ def test_greedy_pick_and_finite_check_are_atens(dtype):
             broken[n - 1] = bad
             with pytest.raises(LLMKitError, match="NaN or infinity"):
                 check_finite(broken)
+    # a batch, as the engine passes it: the last position of [B, 1, vocab] cut to the tokenizer's ids (strided)
+    rows = torch.randn(5, 1, 32010, generator=g).to(dtype)[:, -1, :32000]
+    rows[3, 10] = rows[3, 20] = rows[3].max() + 1
+    assert argmax(rows) == rows.argmax(-1).tolist()
+    assert argmax(rows)[3] == 10
 
 
 def test_cli_generate_prints_prompt_continuation_and_stats(shared_data, capsys):
