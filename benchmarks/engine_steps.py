@@ -5,10 +5,15 @@ engine (compiled with `--compile`, as `llmkit serve --compile` does). First the 
 each step timed, the model's forward timed apart (synchronized). Then, with `--http`, the same engine behind the
 app in this process on a loopback port while `llmkit bench-serve --url` (its own process) sends the load: the
 step, forward and the gap between steps per batch size tell whether the model, the engine's own work or the HTTP
-side (the event loop sharing the interpreter) sets the pace. Prints tables; `--out` appends JSON lines.
+side (the event loop sharing the interpreter) sets the pace; the process's CPU time per step (`cpu ms`) says how
+much host work each step costs, the engine's alone and with the HTTP side's. `--forward-ms MS` replaces the
+model's forward with a wait of MS that releases the GIL, as a GPU's does, so the host's share can be measured on
+any machine (the logits are then fixed random ones). Prints tables; `--out` appends JSON lines.
 
     python benchmarks/engine_steps.py --shape llama-3.2-1b --device cuda --dtype bfloat16 --compile \
         --batch-sizes 1 4 16 --http 1 16
+    python benchmarks/engine_steps.py --shape stories15M --device cpu --dtype float32 --forward-ms 2.2 \
+        --batch-sizes 16 --http 16
 """
 
 import argparse
@@ -19,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -43,6 +49,7 @@ class StepTimer:
     def __init__(self, engine: Engine, device: torch.device):
         self.steps: list[tuple[float, float, int, float]] = []  # start, end, rows decoded, forward seconds
         self.admits: list[tuple[int, float]] = []  # (requests, seconds) of each step that prefills arrivals
+        self.cpu: list[float] = []  # the process's CPU time (all threads) at the end of each step
         step, decode, admit = engine.step, engine.decode_step, engine._admit
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         forward = [0, 0.0]  # the rows and seconds of this step's decode, if it decoded
@@ -66,23 +73,43 @@ class StepTimer:
             start = time.perf_counter()
             step()
             self.steps.append((start, time.perf_counter(), *forward))
+            self.cpu.append(time.process_time())
 
         engine.decode_step, engine.step, engine._admit = timed_decode, timed_step, timed_admit
 
     def summary(self, since: int = 0) -> list[dict]:
-        """Per batch size: decode steps, median step, forward and gap before the next step (ms), tokens/s."""
+        """Per batch size: decode steps, median step, forward, gap before the next step and process CPU time from
+        the previous step's end to this one's (ms), tokens/s."""
         steps, by_rows = self.steps[since:], {}
-        for (start, end, rows, forward), after in zip(steps, [*steps[1:], None], strict=True):
+        cpu = [float("nan"), *(b - a for a, b in pairwise(self.cpu[since:]))]
+        for (start, end, rows, forward), after, used in zip(steps, [*steps[1:], None], cpu, strict=True):
             if rows:
                 gap = after[0] - end if after else float("nan")
-                by_rows.setdefault(rows, []).append((end - start, forward, gap))
+                by_rows.setdefault(rows, []).append((end - start, forward, gap, used))
         out = []
         for rows, records in sorted(by_rows.items()):
             columns = zip(*records, strict=True)
-            step, forward, gap = (median([x for x in column if x == x]) * 1000 for column in columns)
+            step, forward, gap, cpu = (median([x for x in column if x == x]) * 1000 for column in columns)
             out.append({"rows": rows, "steps": len(records), "step_ms": step, "forward_ms": forward, "gap_ms": gap,
-                        "tokens_per_s": rows / (step + gap) * 1000})  # fmt: skip
+                        "cpu_ms": cpu, "tokens_per_s": rows / (step + gap) * 1000})  # fmt: skip
         return out
+
+
+def waiting_forward(engine: Engine, seconds: float) -> None:
+    """The engine's forwards become a sleep (which releases the GIL, as waiting for a GPU does) returning fixed
+    random logits: what is left of a step is the host's work."""
+    llm = engine.llm
+    logits = torch.randn(engine.max_batch_size, 1, llm.model.args.vocab_size, device=llm.device)
+
+    def decode(tokens, positions, cache_len=None):
+        time.sleep(seconds)
+        return logits[: tokens.shape[0]]
+
+    def prefill(blocks, cache_len=None):
+        time.sleep(seconds)
+        return [logits[: t.shape[0]].expand(*t.shape, -1) for t, _ in blocks]
+
+    engine.decode_step, engine.prefill_step = decode, prefill
 
 
 def profile(engine: Engine, rows: int, steps: int = 10) -> None:
@@ -99,10 +126,10 @@ def profile(engine: Engine, rows: int, steps: int = 10) -> None:
 
 
 def show(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}\n rows  steps  step ms  forward ms  gap ms    tok/s")
+    print(f"\n{title}\n rows  steps  step ms  forward ms  gap ms  cpu ms    tok/s")
     for r in rows:
         print(f"{r['rows']:>5} {r['steps']:>6} {r['step_ms']:>8.2f} {r['forward_ms']:>11.2f} {r['gap_ms']:>7.2f} "
-              f"{r['tokens_per_s']:>8.1f}")  # fmt: skip
+              f"{r['cpu_ms']:>7.2f} {r['tokens_per_s']:>8.1f}")  # fmt: skip
 
 
 def main() -> None:
@@ -119,6 +146,8 @@ def main() -> None:
     p.add_argument("--switch-intervals", type=float, nargs="+", default=[None],
                    help="sys.setswitchinterval values for the HTTP levels (default: Python's)")  # fmt: skip
     p.add_argument("--profile", type=int, default=None, metavar="ROWS", help="profile decode steps of ROWS rows")
+    p.add_argument("--forward-ms", type=float, default=None, metavar="MS",
+                   help="replace the model's forward by a GIL-free wait of MS: the host's share of a step")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -135,6 +164,8 @@ def main() -> None:
         engine.decode_step = compile_batched_decode(llm, args.max_batch_size)
         if device.type == "cuda":
             engine.prefill_step = compile_batched_prefill(llm)
+    if args.forward_ms is not None:
+        waiting_forward(engine, args.forward_ms / 1000)
     timer = StepTimer(engine, device)
     prompt = llm.tokenizer.encode(PROMPT)
     run_to_completion(engine, [Request(prompt, 4, temperature=0, ignore_eos=True)])  # warm-up
