@@ -56,7 +56,11 @@ def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedPr
         dynamic = ({1: seq}, {0: seq})
     with torch.no_grad():
         ep = torch.export.export(Step(llm.model), example, dynamic_shapes=dynamic, strict=False)
-    return ep.run_decompositions()  # makes the in-place cache update a buffer mutation
+    # decomposing makes the in-place cache update a buffer mutation; attention stays one operator, which inductor
+    # lowers as in a compiled step (llmkit.graph_passes at one query), not as generic matmul and softmax loops
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.scaled_dot_product_attention.default)
+    return ep.run_decompositions(table)
 
 
 def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:

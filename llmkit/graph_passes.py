@@ -25,6 +25,7 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 _int8_products = PatternMatcherPass()  # runs first: its products would otherwise become loops
 _one_row_products = PatternMatcherPass()
+MAX_KERNEL_ROWS = 16  # query rows per head up to which attention goes to the C++ kernel: a decode step's (a token's)
 
 
 class OneRowProductsAsLoops(CustomGraphPass):
@@ -144,8 +145,32 @@ def _one_row_addmm(match: Match, bias, x, w) -> None:
 def _one_query_attention(match: Match, q, k, v, mask) -> None:
     # the CPU's only: on an H200 the loops were no faster than cuDNN's kernel at any batch size and cache window
     # measured, and twice as slow over 1024 positions (data/benchmarks/gpu/h200-decode-attention.jsonl)
-    if _is_one_row(q, dim=2) and mask.meta["val"].shape[1:3] == (1, 1):  # one mask row for all heads
+    rows, mask_shape = q.meta["val"].shape[2], mask.meta["val"].shape
+    if (isinstance(rows, int) and rows <= MAX_KERNEL_ROWS and mask_shape[1] == 1 and mask_shape[2] in (1, rows)
+            and all(n.meta["val"].dtype == torch.float32 for n in (q, k, v, mask)) and cpu_kernels.available()):
+        # a token's queries (its grouped heads stacked as rows of their key head: llmkit.model.grouped_attention)
+        width = mask_shape[-1]
+        match.replace_by_example(lambda q, k, v, mask: torch.ops.llmkit_cpu.decode_attention(q, k, v, mask),
+                                 [q, _cache_of(k, width), _cache_of(v, width), mask])  # fmt: skip
+    elif _is_one_row(q, dim=2) and mask_shape[1:3] == (1, 1):  # one mask row for all heads
         match.replace_by_example(_attention_of_one_query, [q, k, v, mask])
+
+
+def _cache_of(x: torch.fx.Node, width) -> torch.fx.Node:
+    """The whole cache where x is its first `width` positions (dim 2), gathered (AOTI's window: an index by an
+    iota) or sliced: the kernel reads them in place, where taking x would have inductor copy them every step."""
+    start, end = None, None
+    if x.target == aten.index.Tensor and len(x.args[1]) == 3 and x.args[1][:2] == [None, None]:
+        index = x.args[1][2]
+        if index.target == prims.iota.default and (index.kwargs.get("start"), index.kwargs.get("step")) == (0, 1):
+            start, end = 0, index.args[0]
+    elif x.target == aten.slice.Tensor and x.args[1:2] == (2,):
+        _, _, start, end, step = [*x.args, None, None, None][:5]
+        start, end = (start or 0, end) if step in (None, 1) else (None, None)
+    end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
+    if start == 0 and end is not None and statically_known_true(end == width):
+        return x.args[0]
+    return x
 
 
 def _attention_of_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,5 @@
-"""llmkit.cpu_kernels: the C++ int8 and float32 products against float64, ATen's ops and eager torchao, and their
-use by torch.compile and AOTInductor.
+"""llmkit.cpu_kernels: the C++ int8 and float32 products and one-query attention against float64, ATen's ops and
+eager torchao, and their use by torch.compile and AOTInductor.
 
 Tolerances: the int8 kernel rounds each row of x to 16-bit integers (a step of sx = max|x| / 32639) and sums
 exactly, so output n differs from the float64 product by at most scale[n] * sx / 2 * sum_k |q[n, k]| (each x moves
@@ -157,6 +157,53 @@ def test_float_product_refuses_bad_input_in_one_line():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
 
 
+ATTENTION_CASE = (  # B, H, H_kv, R query rows, D, cache positions, window; a mask row per batch row and query row
+    "import torch; g = torch.Generator().manual_seed(0)\n"
+    "B, H, H_kv, R, D, S_max, S = 2, 9, 3, 2, 64, 300, 203\n"
+    "q = torch.randn(B, H, R, D, generator=g); k, v = torch.randn(2, B, H_kv, S_max, D, generator=g) * 2\n"
+    "mask = torch.where(torch.rand(B, 1, R, S, generator=g) < 0.2, float('-inf'), 0.0); mask[..., 0] = 0\n"
+)
+
+
+def attention_float64(q, k, v, mask):
+    """softmax(q k^T / sqrt(D) + mask) v and its log-sum-exp in float64, each key head repeated for its queries."""
+    S, group = mask.shape[-1], q.shape[1] // k.shape[1]
+    k, v = (t[:, :, :S].double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask.double()
+    return scores.softmax(-1) @ v, scores.logsumexp(-1)
+
+
+def test_decode_attention_matches_float64_on_every_path():
+    """softmax(q k^T / sqrt(D) + mask) v over the caches' first S positions (S the mask's width), its
+    log-sum-exp too, with groups of query heads sharing a key head, two query rows with masks of their own and
+    masked positions: the AVX-512 path (its own exp) and the portable one (std::exp), forced in fresh processes,
+    within 2e-6 of float64 relative to the largest value (float32 sums of S = 203 terms, weights that sum to 1; a
+    1e-4 error in one weight would show)."""
+    code = ATTENTION_CASE + (
+        "from llmkit import cpu_kernels; cpu_kernels.load()\n"
+        "out, lse = torch.ops.llmkit_cpu.decode_attention(q, k, v, mask); print([out.tolist(), lse.tolist()])"
+    )
+    scope = {}
+    exec(ATTENTION_CASE, scope)
+    expected, expected_lse = attention_float64(*(scope[n] for n in ("q", "k", "v", "mask")))
+    for path in ("portable", "best"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LLMKIT_CPU_KERNEL": path}).stdout.splitlines()[-1]  # fmt: skip
+        out, lse = (torch.tensor(t, dtype=torch.float64) for t in eval(out))
+        assert (out - expected).abs().max() <= 2e-6 * expected.abs().max(), path
+        assert (lse - expected_lse).abs().max() <= 2e-6 * expected_lse.abs().max(), path
+
+
+def test_decode_attention_refuses_bad_input_and_traces():
+    q, k, mask = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 32, 16), torch.zeros(1, 1, 3, 20)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.llmkit_cpu.decode_attention(q, k, k, torch.zeros(1, 1, 3, 40))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.llmkit_cpu.decode_attention(q.double(), k, k, mask)
+    torch.library.opcheck(torch.ops.llmkit_cpu.decode_attention, (q, k, k, mask),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
+
+
 @pytest.mark.parametrize("op", ["float_weight_mm", "int8_weight_mm"])
 def test_compiled_layer_calls_the_kernel_at_one_row(op):
     """A float32 linear layer, or torchao's int8 weight-only one, compiled: at one row the product is the kernel's
@@ -212,6 +259,9 @@ def test_package_calls_the_kernel_in_python_and_in_the_cpp_runner(tiny_folder, t
     assert tokens == eager.generate("the model reads the text", max_new_tokens=20, temperature=0).tokens
     with zipfile.ZipFile(package) as z:
         assert any(CPU_OP.encode() in z.read(n) for n in z.namelist() if n.endswith(".json"))
+        # the attention (float32 in both) by the kernel too
+        decode = b"".join(z.read(n) for n in z.namelist() if "/decode/" in n and n.endswith(".json"))
+        assert b"decode_attention" in decode
 
     runner = Path(__file__).resolve().parents[1] / "runner" / "build" / "llmkit-run"
     if not runner.exists():

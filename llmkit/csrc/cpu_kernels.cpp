@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <iterator>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -436,19 +437,139 @@ at::Tensor float_weight_mm_meta(const at::Tensor& x, const at::Tensor& w) {
   return at::empty({x.size(0), w.size(0)}, x.options());
 }
 
+// ---- a few queries' attention -------------------------------------------------------------------------------
+// softmax(q k^T / sqrt(D) + mask) v for R query rows per head (one token; or one token's G grouped heads, stacked
+// as rows of their key head) over the caches' first S positions (S: the mask's width), and its log-sum-exp; the
+// query heads of a key head read its keys and values from the cache in place. The scores are float_rows of the
+// head's cached keys (rows of D floats); inductor's loop for the same step reduced across lanes at every position.
+
+void exp_portable(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+void add_scaled_portable(float a, const float* x, float* y, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+
+#ifdef LLMKIT_X86
+// e^x in place: x = n ln2 + r, |r| <= ln2 / 2 (ln2 in two parts), e^r by its Taylor polynomial to r^6 (relative
+// error ~1e-7, float32's rounding), times 2^n by scalef; below -87 (and -inf, a masked position) it is 0
+LLMKIT_AVX512F void exp_avx512(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + i);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    _mm512_mask_storeu_ps(x + i, in, _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k)));
+  }
+}
+
+LLMKIT_AVX512F void add_scaled_avx512(float a, const float* x, float* y, int64_t D) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 in = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+    _mm512_mask_storeu_ps(y + d, in, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(in, x + d), _mm512_maskz_loadu_ps(in, y + d)));
+  }
+}
+#endif
+
+// one query head against its key head's first S cached positions k, v [S, D]; scores is room for S floats
+void attend_one(const float* q, const float* k, const float* v, const float* mask, int64_t S, int64_t D,
+                float* scores, float* out, float* lse) {
+  float_rows(q, k, D, 0, S, scores);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  float top = -INFINITY;
+  for (int64_t t = 0; t < S; ++t) {
+    scores[t] = scores[t] * scale + mask[t];
+    if (!(scores[t] <= top)) top = scores[t];  // a NaN score makes the maximum NaN, and so every output
+  }
+  for (int64_t t = 0; t < S; ++t) scores[t] -= top;
+  bool fast = false;
+#ifdef LLMKIT_X86
+  fast = level() == 2;
+  if (fast) exp_avx512(scores, S);
+#endif
+  if (!fast) exp_portable(scores, S);
+  float sum = 0;
+  std::fill(out, out + D, 0.0f);
+  for (int64_t t = 0; t < S; ++t) {
+    sum += scores[t];
+#ifdef LLMKIT_X86
+    if (fast) {
+      add_scaled_avx512(scores[t], v + t * D, out, D);
+      continue;
+    }
+#endif
+    add_scaled_portable(scores[t], v + t * D, out, D);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] /= sum;
+  *lse = top + std::log(sum);
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                       const at::Tensor& v_cache, const at::Tensor& mask) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && mask.dim() == 4,
+              "decode_attention: q [B, H, R, D], caches [B, H_kv, S_max, D], mask [B, 1, R, S]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+              v_cache.scalar_type() == at::kFloat && mask.scalar_type() == at::kFloat,
+              "decode_attention takes float32 tensors");
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), H_kv = k_cache.size(1), S = mask.size(3);
+  const int64_t mask_rows = mask.size(2), mask_batch = mask.size(0);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D && H % H_kv == 0 && S <= k_cache.size(2) &&
+              (mask_batch == 1 || mask_batch == B) && mask.size(1) == 1 && (mask_rows == 1 || mask_rows == R),
+              "decode_attention: shapes ", q.sizes(), ", ", k_cache.sizes(), " and ", mask.sizes(), " do not fit");
+  // the caches as they are (no copy of the window) where each position's D floats are one row
+  const auto rows = [](const at::Tensor& c) { return c.stride(3) == 1 && c.stride(2) == c.size(3) ? c : c.contiguous(); };
+  const at::Tensor qc = q.contiguous(), mc = mask.contiguous(), kc = rows(k_cache), vc = rows(v_cache);
+  at::Tensor out = at::empty({B, H, R, D}, q.options()), lse = at::empty({B, H, R}, q.options());
+  const float *qp = qc.const_data_ptr<float>(), *kp = kc.const_data_ptr<float>(), *vp = vc.const_data_ptr<float>();
+  const float* mp = mc.const_data_ptr<float>();
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const int64_t G = H / H_kv, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(G * R * S * D, 1));
+  at::parallel_for(0, B * H_kv, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H_kv, j = i % H_kv;
+      const float *k = kp + b * kc.stride(0) + j * kc.stride(1), *v = vp + b * vc.stride(0) + j * vc.stride(1);
+      for (int64_t h = j * G; h < (j + 1) * G; ++h) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t row = (b * H + h) * R + r;
+          const float* m = mp + ((mask_batch == 1 ? 0 : b) * mask_rows + (mask_rows == 1 ? 0 : r)) * S;
+          attend_one(qp + row * D, k, v, m, S, D, scores.data(), op + row * D, lp + row);
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_meta(const at::Tensor& q, const at::Tensor& k_cache,
+                                                            const at::Tensor& v_cache, const at::Tensor& mask) {
+  // symbolic sizes (a batch compiled for any number of rows) stay symbolic
+  return {at::empty_symint(q.sym_sizes(), q.options()),
+          at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2)}, q.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmkit_cpu, m) {
   m.def("int8_weight_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("float_weight_mm(Tensor x, Tensor w) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llmkit_cpu, CPU, m) {
   m.impl("int8_weight_mm", &int8_weight_mm);
   m.impl("float_weight_mm", &float_weight_mm);
+  m.impl("decode_attention", &decode_attention);
 }
 
 TORCH_LIBRARY_IMPL(llmkit_cpu, Meta, m) {
   m.impl("int8_weight_mm", &int8_weight_mm_meta);
   m.impl("float_weight_mm", &float_weight_mm_meta);
+  m.impl("decode_attention", &decode_attention_meta);
 }
