@@ -1,4 +1,4 @@
-"""llmkit's C++ CPU kernels, one-row weight products, built at first use and loaded as custom ops.
+"""llmkit's C++ CPU kernels, one-row weight products and decode attention, built at first use and loaded as custom ops.
 
 `torch.ops.llmkit_cpu.int8_weight_mm(x, q, scale)` computes x (q * scale[:, None])^T for float32 x [M, K],
 int8 q [N, K] and float32 scale [N], as ATen's `_weight_int8pack_mm` does, with each row of x rounded to 16-bit
@@ -6,8 +6,10 @@ integers so that the sums are integer dot products (AVX-512 VNNI or AVX2; csrc/c
 rounding moves each x by at most 1/65278 of its row's largest value, a 250th of what rounding the weights to int8
 costs. `torch.ops.llmkit_cpu.float_weight_mm(x, w)` computes x w^T in float32, four rows of w at a time. They exist
 because neither ATen's ops nor inductor's code is fast at one row on the CPU (benchmarks/cpu_gemv_bench.py measures
-each). The source is compiled by `torch.utils.cpp_extension` the first time a process needs it (about 15 s on 2
-cores, then cached under ~/.cache/torch_extensions); `llmkit-run` compiles the same file in. Where no C++ compiler
+each). `torch.ops.llmkit_cpu.decode_attention(q, k_cache, v_cache, mask)` is float32 attention of a few query rows
+over the caches' first positions (as many as the mask is wide), read in place. The source is compiled by
+`torch.utils.cpp_extension` the first time a process needs it (about 15 s on 2 cores, then cached under
+~/.cache/torch_extensions); `llmkit-run` compiles the same file in. Where no C++ compiler
 is found, or `LLMKIT_CPU_KERNEL=none` is set (to compare), `available()` says why and callers keep inductor's
 loops.
 """

@@ -2,8 +2,8 @@
 
 `torch.compile` (llmkit.compile) and AOTInductor (llmkit.aoti) both run `OneRowProductsAsLoops` after
 inductor's own passes, so the same fused loops serve the compiled step and the exported package. On the CPU
-a one-row product by int8 or float32 weights goes to llmkit's C++ kernels (`llmkit.cpu_kernels`) instead, where
-they build.
+a one-row product by int8 or float32 weights, and float32 attention of a few query rows, go to llmkit's C++
+kernels (`llmkit.cpu_kernels`) instead, where they build.
 """
 
 import torch

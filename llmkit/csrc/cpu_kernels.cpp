@@ -1,5 +1,5 @@
 // llmkit's one-row weight products on the CPU, as PyTorch custom ops: int8 weight-only y = x (q * scale[:, None])^T,
-// and float32 y = x w^T (at the end of the file).
+// float32 y = x w^T, and float32 attention of a decode step's query rows (the last two at the end of the file).
 //
 // torch.ops.llmkit_cpu.int8_weight_mm(x [M, K] float32, q [N, K] int8, scale [N] float32) -> [M, N] float32,
 // the signature of ATen's _weight_int8pack_mm. Widening each int8 weight to float costs two instructions per 8
