@@ -477,6 +477,20 @@ LLMKIT_AVX512F void add_scaled_avx512(float a, const float* x, float* y, int64_t
 }
 #endif
 
+void exp_in_place(float* x, int64_t n) {
+#ifdef LLMKIT_X86
+  if (level() == 2) return exp_avx512(x, n);
+#endif
+  exp_portable(x, n);
+}
+
+void add_scaled(float a, const float* x, float* y, int64_t D) {
+#ifdef LLMKIT_X86
+  if (level() == 2) return add_scaled_avx512(a, x, y, D);
+#endif
+  add_scaled_portable(a, x, y, D);
+}
+
 // one query head against its key head's first S cached positions k, v [S, D]; scores is room for S floats
 void attend_one(const float* q, const float* k, const float* v, const float* mask, int64_t S, int64_t D,
                 float* scores, float* out, float* lse) {
@@ -488,23 +502,12 @@ void attend_one(const float* q, const float* k, const float* v, const float* mas
     if (!(scores[t] <= top)) top = scores[t];  // a NaN score makes the maximum NaN, and so every output
   }
   for (int64_t t = 0; t < S; ++t) scores[t] -= top;
-  bool fast = false;
-#ifdef LLMKIT_X86
-  fast = level() == 2;
-  if (fast) exp_avx512(scores, S);
-#endif
-  if (!fast) exp_portable(scores, S);
+  exp_in_place(scores, S);
   float sum = 0;
   std::fill(out, out + D, 0.0f);
   for (int64_t t = 0; t < S; ++t) {
     sum += scores[t];
-#ifdef LLMKIT_X86
-    if (fast) {
-      add_scaled_avx512(scores[t], v + t * D, out, D);
-      continue;
-    }
-#endif
-    add_scaled_portable(scores[t], v + t * D, out, D);
+    add_scaled(scores[t], v + t * D, out, D);
   }
   for (int64_t d = 0; d < D; ++d) out[d] /= sum;
   *lse = top + std::log(sum);
