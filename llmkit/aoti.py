@@ -54,8 +54,10 @@ def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedPr
         example = (torch.zeros(1, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
         seq = torch.export.Dim("seq", min=1, max=max_len - 1)
         dynamic = ({1: seq}, {0: seq})
+    # on the CPU, float32 weights packed for llmkit's kernel: one stream of blocks, as XNNPACK holds them
+    model = cpu_kernels.with_packed_linears(llm.model) if device.type == "cpu" else llm.model
     with torch.no_grad():
-        ep = torch.export.export(Step(llm.model), example, dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(Step(model), example, dynamic_shapes=dynamic, strict=False)
     # decomposing makes the in-place cache update a buffer mutation; attention stays one operator, which inductor
     # lowers as in a compiled step (llmkit.graph_passes at one query), not as generic matmul and softmax loops
     table = torch.export.default_decompositions()

@@ -6,14 +6,17 @@ integers so that the sums are integer dot products (AVX-512 VNNI or AVX2; csrc/c
 rounding moves each x by at most 1/65278 of its row's largest value, a 250th of what rounding the weights to int8
 costs. `torch.ops.llmkit_cpu.float_weight_mm(x, w)` computes x w^T in float32, four rows of w at a time. They exist
 because neither ATen's ops nor inductor's code is fast at one row on the CPU (benchmarks/cpu_gemv_bench.py measures
-each). `torch.ops.llmkit_cpu.decode_attention(q, k_cache, v_cache, mask)` is float32 attention of a few query rows
-over the caches' first positions (as many as the mask is wide), read in place. The source is compiled by
+each). `torch.ops.llmkit_cpu.float_packed_mm(x, packed, n)` is the same float32 product by weights packed in
+blocks of 16 rows (`PackedLinear`), as AOTInductor packages hold them. `torch.ops.llmkit_cpu.decode_attention(q,
+k_cache, v_cache, mask)` is float32 attention of a few query rows over the caches' first positions (as many as
+the mask is wide), read in place. The source is compiled by
 `torch.utils.cpp_extension` the first time a process needs it (about 15 s on 2 cores, then cached under
 ~/.cache/torch_extensions); `llmkit-run` compiles the same file in. Where no C++ compiler
 is found, or `LLMKIT_CPU_KERNEL=none` is set (to compare), `available()` says why and callers keep inductor's
 loops.
 """
 
+import copy
 import functools
 import hashlib
 import os
@@ -23,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 STALE_LOCK_S = 180  # a build takes 15-60 s here; a lock older than this was left by a build that was killed
@@ -78,3 +83,56 @@ def why_not() -> str | None:
 
 def available() -> bool:
     return why_not() is None
+
+
+class PackedLinear(nn.Module):
+    """A float32 `nn.Linear` without bias whose weight [N, K] is held as blocks of 16 rows, each block [K, 16]
+    (column k's 16 weights side by side, the last block padded with zeros), for `float_packed_mm`: a product streams
+    the blocks in order and needs no sum across vector lanes, as XNNPACK's packed weights."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        n, k = linear.weight.shape
+        self.out_features = n
+        blocks = F.pad(linear.weight.detach(), (0, 0, 0, -n % 16)).view(-1, 16, k)
+        self.register_buffer("packed", blocks.transpose(1, 2).contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.llmkit_cpu.float_packed_mm(x.reshape(-1, x.shape[-1]), self.packed, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding whose table is a `PackedLinear`'s weight (a tied classifier): rows read from the packed blocks,
+    so the table is held once."""
+
+    def __init__(self, linear: PackedLinear):
+        super().__init__()
+        self.register_buffer("packed", linear.packed)  # the same tensor: exported as one constant
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.packed[tokens // 16, :, tokens % 16]
+
+
+def with_packed_linears(model: nn.Module) -> nn.Module:
+    """A copy of `model` (sharing its other weights) whose plain float32 linear layers without bias are
+    `PackedLinear`s, and an embedding tied to one of them a `PackedEmbedding`; `model` itself where the kernels
+    can't run (`why_not`). Quantized weights are left alone."""
+    if not available():
+        return model
+    plain = [name for name, m in model.named_modules() if type(m) is nn.Linear and m.bias is None
+             and type(m.weight.data) is Tensor and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    if not plain:
+        return model
+    copy_ = copy.deepcopy(model, memo={id(p): p for p in model.parameters()} | {id(b): b for b in model.buffers()})
+    packed = {}
+    for name in plain:
+        parent, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        packed[id(linear.weight)] = PackedLinear(linear)
+        setattr(copy_.get_submodule(parent), child, packed[id(linear.weight)])
+    for name, m in model.named_modules():
+        if type(m) is nn.Embedding and id(m.weight) in packed:
+            parent, _, child = name.rpartition(".")
+            setattr(copy_.get_submodule(parent), child, PackedEmbedding(packed[id(m.weight)]))
+    return copy_

@@ -157,6 +157,62 @@ def test_float_product_refuses_bad_input_in_one_line():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
 
 
+# rows of x not a multiple of 4 (the AVX-512 path takes four at a time) and outputs not of 16 (the last block)
+@pytest.mark.parametrize("m, n, k", [(1, 768, 288), (1, 37, 333), (5, 50, 40), (9, 16, 7), (1, 1, 1), (4, 33, 768)])
+def test_packed_product_matches_float64(m, n, k):
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    linear = torch.nn.Linear(k, n, bias=False)
+    linear.weight.data = w
+    packed = cpu_kernels.PackedLinear(linear)
+    assert packed.packed.shape == (-(-n // 16), k, 16) and packed.packed[-1, :, n % 16 or 16:].eq(0).all()
+    out = packed(x)
+    expected, bound = x.double() @ w.double().T, float_bound(x, w)
+    assert out.shape == (m, n) and ((out.double() - expected).abs() <= bound).all()
+    assert not ((out.double() * 1.01 - expected).abs() <= bound).all()  # the bound sees a 1% error
+
+
+def test_every_packed_path_is_within_the_bound():
+    code = (
+        "import torch; from llmkit import cpu_kernels; cpu_kernels.load(); g = torch.Generator().manual_seed(0)\n"
+        "x, w = torch.randn(5, 333, generator=g), torch.randn(37, 333, generator=g)\n"
+        "linear = torch.nn.Linear(333, 37, bias=False); linear.weight.data = w\n"
+        "print(cpu_kernels.PackedLinear(linear)(x).tolist())"
+    )
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 333, generator=g), torch.randn(37, 333, generator=g)
+    for path in ("portable", "avx2", "best"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LLMKIT_CPU_KERNEL": path}).stdout.splitlines()[-1]  # fmt: skip
+        assert ((torch.tensor(eval(out)).double() - x.double() @ w.double().T).abs() <= float_bound(x, w)).all()
+
+
+def test_packed_product_refuses_bad_input_and_traces():
+    packed = torch.zeros(3, 40, 16)
+    with pytest.raises(RuntimeError, match="x \\[M, K\\] and packed \\[ceil\\(N / 16\\), K, 16\\]"):
+        torch.ops.llmkit_cpu.float_packed_mm(torch.randn(1, 40), packed, 16)  # 3 blocks hold 33 to 48 outputs
+    with pytest.raises(RuntimeError, match="float32 x and packed weights"):
+        torch.ops.llmkit_cpu.float_packed_mm(torch.randn(1, 40, dtype=torch.float64), packed, 40)
+    torch.library.opcheck(torch.ops.llmkit_cpu.float_packed_mm, (torch.randn(2, 40), torch.randn(3, 40, 16), 40),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
+
+
+def test_packed_copy_of_a_model(tiny_folder):
+    """with_packed_linears: the copy's logits are the model's (float32 rounding), its plain linear layers packed and
+    the embedding tied to the classifier read from the same packed blocks; the model itself is untouched."""
+    from llmkit.loading import load
+
+    model = load(tiny_folder).model
+    model.output.weight = model.tok_embeddings.weight  # tied, as stories15M's
+    copy_ = cpu_kernels.with_packed_linears(model)
+    assert type(model.output) is torch.nn.Linear and type(copy_.output) is cpu_kernels.PackedLinear
+    assert copy_.tok_embeddings.packed is copy_.output.packed
+    assert copy_.layers[0].attention_norm.weight is model.layers[0].attention_norm.weight
+    tokens = torch.tensor([[5, 6, 7, 8, 299]])
+    with torch.no_grad():
+        assert (copy_(tokens) - model(tokens)).abs().max() <= 1e-4
+
+
 ATTENTION_CASE = (  # B, H, H_kv, R query rows, D, cache positions, window; a mask row per batch row and query row
     "import torch; g = torch.Generator().manual_seed(0)\n"
     "B, H, H_kv, R, D, S_max, S = 2, 9, 3, 2, 64, 300, 203\n"
@@ -262,6 +318,7 @@ def test_package_calls_the_kernel_in_python_and_in_the_cpp_runner(tiny_folder, t
         # the attention (float32 in both) by the kernel too
         decode = b"".join(z.read(n) for n in z.namelist() if "/decode/" in n and n.endswith(".json"))
         assert b"decode_attention" in decode
+        assert (b"float_packed_mm" in decode) == (scheme is None)  # float32 weights packed (cpu_kernels.PackedLinear)
 
     runner = Path(__file__).resolve().parents[1] / "runner" / "build" / "llmkit-run"
     if not runner.exists():
