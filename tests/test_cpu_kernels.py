@@ -131,16 +131,20 @@ def test_float_product_matches_float64_and_aten(m, n, k):
     assert not ((out.double() * 1.01 - expected).abs() <= bound).all()  # the bound sees a 1% error
 
 
-def test_every_float_path_is_within_the_bound():
-    """The AVX-512, AVX2 and portable float32 paths, forced one by one in fresh processes, each within the bound
-    (they add in different orders, so their bits differ)."""
+PRODUCTS = {"rows": "torch.ops.llmkit_cpu.float_weight_mm(x, w)", "packed": "cpu_kernels.PackedLinear(linear)(x)"}
+
+
+@pytest.mark.parametrize("product", PRODUCTS.values(), ids=PRODUCTS.keys())
+def test_every_float_path_is_within_the_bound(product):
+    """The AVX-512, AVX2 and portable float32 paths, of the product by rows and by packed blocks, forced one by one
+    in fresh processes, each within the bound (they add in different orders, so their bits differ)."""
     code = (
         "import torch; from llmkit import cpu_kernels; cpu_kernels.load(); g = torch.Generator().manual_seed(0)\n"
-        "x, w = torch.randn(2, 333, generator=g), torch.randn(37, 333, generator=g)\n"
-        "print(torch.ops.llmkit_cpu.float_weight_mm(x, w).tolist())"
+        "x, w = torch.randn(5, 333, generator=g), torch.randn(37, 333, generator=g)\n"
+        f"linear = torch.nn.Linear(333, 37, bias=False); linear.weight.data = w; print({product}.tolist())"
     )
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2, 333, generator=g), torch.randn(37, 333, generator=g)
+    x, w = torch.randn(5, 333, generator=g), torch.randn(37, 333, generator=g)
     for path in ("portable", "avx2", "best"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "LLMKIT_CPU_KERNEL": path}).stdout.splitlines()[-1]  # fmt: skip
@@ -170,21 +174,6 @@ def test_packed_product_matches_float64(m, n, k):
     expected, bound = x.double() @ w.double().T, float_bound(x, w)
     assert out.shape == (m, n) and ((out.double() - expected).abs() <= bound).all()
     assert not ((out.double() * 1.01 - expected).abs() <= bound).all()  # the bound sees a 1% error
-
-
-def test_every_packed_path_is_within_the_bound():
-    code = (
-        "import torch; from llmkit import cpu_kernels; cpu_kernels.load(); g = torch.Generator().manual_seed(0)\n"
-        "x, w = torch.randn(5, 333, generator=g), torch.randn(37, 333, generator=g)\n"
-        "linear = torch.nn.Linear(333, 37, bias=False); linear.weight.data = w\n"
-        "print(cpu_kernels.PackedLinear(linear)(x).tolist())"
-    )
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(5, 333, generator=g), torch.randn(37, 333, generator=g)
-    for path in ("portable", "avx2", "best"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "LLMKIT_CPU_KERNEL": path}).stdout.splitlines()[-1]  # fmt: skip
-        assert ((torch.tensor(eval(out)).double() - x.double() @ w.double().T).abs() <= float_bound(x, w)).all()
 
 
 def test_packed_product_refuses_bad_input_and_traces():

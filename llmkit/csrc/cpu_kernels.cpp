@@ -440,7 +440,7 @@ at::Tensor float_weight_mm_meta(const at::Tensor& x, const at::Tensor& w) {
 // float32 y = x w^T with w packed in blocks of 16 rows, each block [K, 16]: column k's 16 weights side by side
 // (llmkit.cpu_kernels.PackedLinear packs them). A block's 16 sums are one vector: x[k] broadcast times 16 weights,
 // no sum across lanes, and the weights are one stream read in order, as XNNPACK holds them: on the AVX-512 VM a
-// stories15M float32 AOTI step ran 1.08-1.12x as fast so at one thread as by float_rows' rows, 1.00-1.04x at two.
+// stories15M float32 AOTI step ran 1.04-1.12x as fast so at one thread as by float_rows' rows, 1.00-1.04x at two.
 void packed_block_portable(const float* x, int64_t M, int64_t K, const float* p, int64_t width, float* y, int64_t ldy) {
   for (int64_t m = 0; m < M; ++m) {
     float sum[16] = {};
