@@ -8,6 +8,7 @@ per matrix. The ways:
   fp32 F.linear          ATen (MKL) on float32 weights, eager
   fp32 compiled loops    the same product in llmkit's compiled decode step without its kernel (inductor's loop)
   fp32 compiled kernel   llmkit's compiled step with its C++ float32 kernel (`llmkit.cpu_kernels`)
+  fp32 packed kernel     the compiled step's products by weights packed in blocks of 16 rows, as AOTI packages hold them
   int8 aten int8pack     ATen's `_weight_int8pack_mm`, the library's int8 weight-only op, eager
   int8 inductor woq      inductor's own int8 weight-only lowering: freezing + max-autotune, C++ GEMM template
                          (WOQ_COPIES copies, called until it has made as many products: the others' weights
@@ -71,7 +72,10 @@ def products(x, weights):
     for q, s in weights:
         if out is not None:
             x = x * (1 + 1e-9 * out[:, :1])
-        y = torch.mm(x, q.t().to(torch.float32)) * s if q.dtype == torch.int8 else F.linear(x, q)
+        if isinstance(q, torch.nn.Module):  # cpu_kernels.PackedLinear
+            y = q(x)
+        else:
+            y = torch.mm(x, q.t().to(torch.float32)) * s if q.dtype == torch.int8 else F.linear(x, q)
         out = y if out is None else out + y
     return out
 
@@ -88,6 +92,14 @@ def compiled(weights, x, options: dict, kernel: bool):
     finally:
         cpu_kernels.available = available
     return lambda: fn(x, weights)
+
+
+def packed(w: list[torch.Tensor]) -> list[tuple[torch.nn.Module, None]]:
+    """The weights as `cpu_kernels.PackedLinear`s (blocks of 16 rows), for `products`."""
+    layers = [torch.nn.Linear(wi.shape[1], wi.shape[0], bias=False) for wi in w]
+    for layer, wi in zip(layers, w, strict=True):
+        layer.weight.data = wi
+    return [(cpu_kernels.PackedLinear(layer), None) for layer in layers]
 
 
 class Frozen(torch.nn.Module):
@@ -117,7 +129,8 @@ def bench_matrix(n: int, k: int, threads: int) -> dict[str, float]:
     reference = sum(x.double() @ (q.double() * s.double()[:, None]).T for q, s in int8)
     ways = {"fp32 F.linear": lambda: [F.linear(x, wi) for wi in w],
             "fp32 compiled loops": compiled(fp32, x, _options_cpu(), kernel=False),
-            **({"fp32 compiled kernel": compiled(fp32, x, _options_cpu(), kernel=True)} if cpu_kernels.available()
+            **({"fp32 compiled kernel": compiled(fp32, x, _options_cpu(), kernel=True),
+                "fp32 packed kernel": compiled(packed(w), x, _options_cpu(), kernel=True)} if cpu_kernels.available()
                else {}),
             "int8 aten int8pack": lambda: [torch.ops.aten._weight_int8pack_mm(x, q, s) for q, s in int8]}  # fmt: skip
     frozen = Frozen(int8[:WOQ_COPIES]).eval()
