@@ -42,9 +42,10 @@ class Step(nn.Module):
         return self.model(tokens, input_pos, cache_len=None if window is None else window.shape[0])
 
 
-def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedProgram:
+def export_program(llm: LLM, one_token: bool = False, model: nn.Module | None = None) -> torch.export.ExportedProgram:
     """torch.export of forward(tokens [1, T], input_pos [T]), with 1 <= T < max_seq_len, or of the one-token
-    step forward(tokens [1, 1], input_pos [1], window [W]) attending to the cache's first W positions."""
+    step forward(tokens [1, 1], input_pos [1], window [W]) attending to the cache's first W positions; of `model`
+    (export_aoti's copy with packed weights) in place of `llm.model` if given."""
     device, max_len = llm.device, llm.max_seq_len
     if one_token:
         example = (torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device),
@@ -54,10 +55,8 @@ def export_program(llm: LLM, one_token: bool = False) -> torch.export.ExportedPr
         example = (torch.zeros(1, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
         seq = torch.export.Dim("seq", min=1, max=max_len - 1)
         dynamic = ({1: seq}, {0: seq})
-    # on the CPU, float32 weights packed for llmkit's kernel: one stream of blocks, as XNNPACK holds them
-    model = cpu_kernels.with_packed_linears(llm.model) if device.type == "cpu" else llm.model
     with torch.no_grad():
-        ep = torch.export.export(Step(model), example, dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(Step(model or llm.model), example, dynamic_shapes=dynamic, strict=False)
     # decomposing makes the in-place cache update a buffer mutation; attention stays one operator, which inductor
     # lowers as in a compiled step (llmkit.graph_passes at one query), not as generic matmul and softmax loops
     table = torch.export.default_decompositions()
@@ -82,9 +81,11 @@ def export_aoti(llm: LLM, path: str | Path, force: bool = False) -> Path:
     # the pass rewrites only products statically of one row: the decode model's, not the prefill's
     options = {"aot_inductor.metadata": package_metadata(llm, FORMAT_VERSION), "aot_inductor.package": True,
                "post_grad_custom_pre_pass": OneRowProductsAsLoops()}  # fmt: skip
+    # on the CPU, float32 weights packed for llmkit's kernel (one stream of blocks, as XNNPACK holds them), once
+    model = cpu_kernels.with_packed_linears(llm.model) if llm.device.type == "cpu" else llm.model
     files = {}
     for name in AOTI_MODELS:
-        ep = export_program(llm, one_token=name == "decode")
+        ep = export_program(llm, one_token=name == "decode", model=model)
         with short_loads_in_one_instruction():
             files[name] = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options=options)
     return write_with_tokenizer(llm, path, lambda tmp: package_aoti(tmp, files))

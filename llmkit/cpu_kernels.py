@@ -125,14 +125,16 @@ def with_packed_linears(model: nn.Module) -> nn.Module:
     if not plain:
         return model
     copy_ = copy.deepcopy(model, memo={id(p): p for p in model.parameters()} | {id(b): b for b in model.buffers()})
-    packed = {}
-    for name in plain:
+
+    def put(name: str, module: nn.Module) -> None:
         parent, _, child = name.rpartition(".")
+        setattr(copy_.get_submodule(parent), child, module)
+
+    packed = {}  # id of a weight -> its PackedLinear
+    for name in plain:
         linear = model.get_submodule(name)
-        packed[id(linear.weight)] = PackedLinear(linear)
-        setattr(copy_.get_submodule(parent), child, packed[id(linear.weight)])
+        put(name, packed.setdefault(id(linear.weight), PackedLinear(linear)))
     for name, m in model.named_modules():
         if type(m) is nn.Embedding and id(m.weight) in packed:
-            parent, _, child = name.rpartition(".")
-            setattr(copy_.get_submodule(parent), child, PackedEmbedding(packed[id(m.weight)]))
+            put(name, PackedEmbedding(packed[id(m.weight)]))
     return copy_
